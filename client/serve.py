@@ -1,0 +1,24 @@
+"""Teacher outputs on proxy samples: probabilities at temperature T or raw logits."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import OutputKind
+from common.training import predict_logits
+
+
+def teacher_outputs(model: nn.Module, images: torch.Tensor, *, output: OutputKind, temperature: float) -> np.ndarray:
+    """Outputs of ``model`` on proxy images (N, C, *spatial) -> (N, n_classes) float32.
+
+    ``probs`` is softmax(logits / temperature); ``logits`` are sent raw (the
+    server applies the temperature).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = predict_logits(model, images)
+    if output == OutputKind.PROBS:
+        return torch.softmax(logits / temperature, dim=1).numpy().astype(np.float32)
+    return logits.numpy().astype(np.float32)

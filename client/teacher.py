@@ -1,0 +1,125 @@
+"""A hospital's teacher: trained once on the private partition, kept on the hospital's disk.
+
+The checkpoint ``<hospital_dir>/teacher.pt`` carries a fingerprint of what
+it was trained from (data file, private indices, architecture, training
+settings, seed); a checkpoint whose fingerprint differs is retrained rather
+than silently reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from common.atomic import atomic_torch_save
+from common.config import ExperimentConfig, config_to_dict
+from common.models import build_model
+from common.split import FederatedSplit, hospital_name, local_train_val, tensors
+from common.training import train_supervised
+
+logger = logging.getLogger(__name__)
+
+TEACHER_FILE = "teacher.pt"
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a hospital knows about its teacher (the figures it may report: sizes and local AUC)."""
+
+    hospital: str
+    model: str
+    num_private: int
+    num_train: int
+    num_val: int
+    val_auc: float
+    val_acc: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    fingerprint: str
+
+
+def teacher_seed(cfg: ExperimentConfig, hospital: int) -> int:
+    """Seed of hospital ``hospital``'s teacher training."""
+    return cfg.seed * 1000 + 17 * hospital + 1
+
+
+def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> str:
+    """SHA-256 of everything the teacher of ``hospital`` depends on."""
+    h = hashlib.sha256()
+    h.update(split.data.sha256.encode())
+    h.update(split.hospital_indices[hospital].tobytes())
+    h.update(cfg.teacher_model(hospital).encode())
+    settings = config_to_dict(cfg.teacher)
+    settings.pop("per_hospital")
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(f"{cfg.data.local_val_fraction}|{teacher_seed(cfg, hospital)}".encode())
+    return h.hexdigest()
+
+
+def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> tuple[nn.Module, TeacherInfo]:
+    """Train hospital ``hospital``'s teacher on its private data (early stopping on a local validation split)."""
+    name = hospital_name(hospital)
+    private = split.hospital(hospital)
+    train_pos, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
+                                         seed=teacher_seed(cfg, hospital))
+    images, labels = tensors(private, spatial_dims=split.data.spatial_dims)
+    model_name = cfg.teacher_model(hospital)
+    torch.manual_seed(teacher_seed(cfg, hospital))
+    model = build_model(model_name, split.model_spec())
+    start = time.perf_counter()
+    logger.info("%s: training teacher %s on %d private samples (%d for local validation)", name, model_name,
+                len(train_pos), len(val_pos))
+    result = train_supervised(
+        model=model, train_images=images[train_pos], train_labels=labels[train_pos],
+        val_images=images[val_pos], val_labels=labels[val_pos], epochs=cfg.teacher.epochs,
+        patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
+        weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=teacher_seed(cfg, hospital),
+        class_weighted=cfg.teacher.class_weighted, log_prefix=f"{name} teacher ",
+    )
+    info = TeacherInfo(
+        hospital=name, model=model_name, num_private=int(labels.shape[0]), num_train=len(train_pos),
+        num_val=len(val_pos), val_auc=result.val.auc, val_acc=result.val.acc, best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run, seconds=time.perf_counter() - start,
+        fingerprint=teacher_fingerprint(cfg, split, hospital),
+    )
+    logger.info("%s: teacher ready (local val AUC %.3f, best epoch %d of %d, %.1f s)", name, info.val_auc,
+                info.best_epoch, info.epochs_run, info.seconds)
+    return model, info
+
+
+def save_teacher(path: Path, model: nn.Module, info: TeacherInfo) -> None:
+    """Write the teacher checkpoint atomically."""
+    atomic_torch_save(path, {"state_dict": model.state_dict(), "info": asdict(info)})
+
+
+def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospital: int, hospital_dir: Path,
+                          retrain: bool = False) -> tuple[nn.Module, TeacherInfo]:
+    """Load ``<hospital_dir>/teacher.pt`` if it matches this config, else train and save it."""
+    path = Path(hospital_dir) / TEACHER_FILE
+    fingerprint = teacher_fingerprint(cfg, split, hospital)
+    if path.exists() and not retrain:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            info = TeacherInfo(**saved["info"])
+        except Exception as e:  # a torn or foreign file: retrain rather than fail the round
+            logger.warning("%s: cannot read teacher checkpoint %s (%s); retraining", hospital_name(hospital), path, e)
+        else:
+            if info.fingerprint == fingerprint:
+                model = build_model(info.model, split.model_spec())
+                model.load_state_dict(saved["state_dict"])
+                model.eval()
+                return model, info
+            logger.info("%s: teacher checkpoint %s was trained from other data or settings; retraining",
+                        hospital_name(hospital), path)
+    model, info = train_teacher(cfg, split, hospital)
+    save_teacher(path, model, info)
+    model.eval()
+    return model, info

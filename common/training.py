@@ -1,0 +1,135 @@
+"""Plain-torch training loops shared by teachers, the student and the baselines.
+
+No Flower here: these functions take tensors and a model and can be tested
+without a federation.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.metrics import EvalResult, classification_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch's global RNG and return a dedicated generator for sampling."""
+    torch.manual_seed(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return gen
+
+
+def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips along each spatial axis, independently per sample.
+
+    x: (N, C, *spatial). Returns a new tensor of the same shape.
+    """
+    out = x
+    for axis in range(2, x.dim()):
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        if flip.any():
+            out = out.clone() if out is x else out
+            out[flip] = out[flip].flip(axis)
+    return out
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
+    """Logits of ``model`` in eval mode. images: (N, C, *spatial) -> (N, n_classes)."""
+    model.eval()
+    chunks = [model(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    if not chunks:
+        return torch.empty(0, 0)
+    return torch.cat(chunks).float()
+
+
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+    """AUC / accuracy of ``model`` on (images (N, C, *spatial), labels (N,))."""
+    probs = torch.softmax(predict_logits(model, images), dim=1)
+    return classification_metrics(probs, labels)
+
+
+def run_epoch(*, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
+              gen: torch.Generator, augment: bool) -> float:
+    """One shuffled pass over ``images``; ``loss_fn(logits, batch_index)`` gives the loss.
+
+    Returns the mean training loss.
+    """
+    model.train()
+    n = images.shape[0]
+    order = torch.randperm(n, generator=gen)
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if idx.numel() < 2 and n >= 2:
+            continue  # batch norm needs two samples; the sample recurs in another epoch
+        x = images[idx]
+        if augment:
+            x = augment_batch(x, gen)
+        loss = loss_fn(model(x), idx)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach().item() * idx.numel()
+        count += idx.numel()
+    return total / max(count, 1)
+
+
+@dataclass(frozen=True)
+class SupervisedResult:
+    """Outcome of :func:`train_supervised`."""
+
+    best_epoch: int
+    epochs_run: int
+    val: EvalResult
+
+
+def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
+                     val_images: torch.Tensor, val_labels: torch.Tensor, epochs: int, patience: int,
+                     batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
+                     class_weighted: bool = False, log_prefix: str = "") -> SupervisedResult:
+    """Cross-entropy training with early stopping on validation AUC; keeps the best weights.
+
+    With ``class_weighted``, the loss uses inverse-frequency class weights.
+    """
+    gen = seed_everything(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    n_classes = int(max(int(train_labels.max()), int(val_labels.max())) + 1) if train_labels.numel() else 1
+    weight = None
+    if class_weighted:
+        counts = torch.bincount(train_labels, minlength=n_classes).float()
+        weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+    best_score, best_state, best_epoch, since_best = -math.inf, None, 0, 0
+    best_val: EvalResult | None = None
+    epoch = 0
+    for epoch in range(1, epochs + 1):
+        loss = run_epoch(
+            model=model, optimizer=optimizer, images=train_images, batch_size=batch_size, gen=gen, augment=augment,
+            loss_fn=lambda logits, idx: F.cross_entropy(logits, train_labels[idx], weight=weight),
+        )
+        val = evaluate_model(model, val_images, val_labels)
+        score = val.auc if not math.isnan(val.auc) else val.acc
+        logger.debug("%sepoch %d loss %.4f val auc %.4f acc %.4f", log_prefix, epoch, loss, val.auc, val.acc)
+        if score > best_score:
+            best_score, best_epoch, since_best, best_val = score, epoch, 0, val
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+            if since_best >= patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if best_val is None:
+        best_val = evaluate_model(model, val_images, val_labels)
+    return SupervisedResult(best_epoch=best_epoch, epochs_run=epoch, val=best_val)

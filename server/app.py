@@ -1,0 +1,199 @@
+"""The ServerApp: the round loop on Flower's ``Grid``.
+
+One FedKD round (see docs/architecture.md):
+
+1. take the next ``distill.proxy_batch`` proxy indices (a seeded permutation, cycled);
+2. send one ``query.logits`` message per hospital and collect replies with a timeout;
+3. validate each reply (server/collect.py) and reject bad ones with a logged reason;
+4. if a quorum of valid replies remains, aggregate them (server/aggregate.py)
+   into the soft-label bank and distil the bank into the student (server/distill.py);
+5. evaluate on the test split, write metrics.json and the checkpoint atomically.
+
+``method: fedavg`` runs the FedAvg baseline instead (server/fedavg.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import ExperimentConfig, Method, OutputKind
+from common.errors import MedkdError
+from common.models import build_model
+from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content
+from common.runconfig import config_from_run_config, out_dir_from_run_config
+from common.split import FederatedSplit, make_split, tensors
+from common.training import seed_everything
+from server.aggregate import aggregate_outputs, probs_from_logits
+from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
+from server.collect import collect_replies
+from server.distill import distill_student
+from server.evaluate import evaluate_on_test, test_tensors, write_metrics
+from server.metering import MeteredGrid
+
+logger = logging.getLogger(__name__)
+
+
+def wait_for_nodes(grid: Grid, *, wanted: int, quorum: int, timeout_s: float) -> list[int]:
+    """Wait until ``wanted`` nodes are connected (or ``timeout_s``); need at least ``quorum``.
+
+    Raises
+    ------
+    MedkdError
+        If fewer than ``quorum`` hospitals connected in time.
+    """
+    deadline = time.monotonic() + timeout_s
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= wanted:
+            break
+        time.sleep(0.5)
+    if len(nodes) < quorum:
+        raise MedkdError(f"only {len(nodes)} of {wanted} hospitals connected within {timeout_s:.0f} s; "
+                         f"the quorum is {quorum} (federation.min_replies)")
+    if len(nodes) < wanted:
+        logger.warning("only %d of %d hospitals connected; going on with them", len(nodes), wanted)
+    logger.info("%d hospitals connected", len(nodes))
+    return nodes
+
+
+def next_proxy_batch(*, n_proxy: int, batch: int, cursor: int, seed: int) -> tuple[np.ndarray, int]:
+    """Next ``batch`` positions of a seeded permutation of the proxy set (cycled); returns (indices, cursor)."""
+    order = np.random.default_rng(seed).permutation(n_proxy)
+    batch = min(batch, n_proxy)
+    take = [order[(cursor + k) % n_proxy] for k in range(batch)]
+    return np.sort(np.asarray(take, dtype=np.int64)), (cursor + batch) % n_proxy
+
+
+def update_bank(state: ServerState, indices: np.ndarray, probs: torch.Tensor) -> None:
+    """Insert (or refresh) soft labels for ``indices`` in the bank. probs: (N, C)."""
+    idx = torch.as_tensor(indices, dtype=torch.int64)
+    if state.bank_indices.numel() == 0:
+        state.bank_indices, state.bank_probs = idx.clone(), probs.clone()
+        return
+    keep = ~torch.isin(state.bank_indices, idx)
+    state.bank_indices = torch.cat([state.bank_indices[keep], idx])
+    state.bank_probs = torch.cat([state.bank_probs[keep], probs])
+
+
+def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
+    """FedKD: query teachers on the proxy set, aggregate, distil into the student. Returns the final block."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = make_split(cfg)
+    spec = split.model_spec()
+    proxy_images, proxy_labels = tensors(split.proxy, spatial_dims=split.data.spatial_dims)
+    test = test_tensors(cfg, split)
+    gen = seed_everything(cfg.seed)
+    student = build_model(cfg.student.model, spec)
+    optimizer = torch.optim.Adam(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
+    state = load_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer) or ServerState()
+    if state.round >= cfg.rounds:
+        logger.info("all %d rounds already done in %s", cfg.rounds, out_dir)
+    if state.round > 0:
+        gen.manual_seed(cfg.seed * 100003 + state.round)
+
+    metered = MeteredGrid(grid)
+    quorum = cfg.quorum()
+    nodes = wait_for_nodes(grid, wanted=cfg.federation.hospitals, quorum=quorum,
+                           timeout_s=cfg.federation.wait_for_nodes_s)
+    n_classes = split.data.n_classes
+    final: dict[str, Any] = {}
+    for rnd in range(state.round + 1, cfg.rounds + 1):
+        start = time.perf_counter()
+        indices, cursor = next_proxy_batch(n_proxy=proxy_images.shape[0], batch=cfg.distill.proxy_batch,
+                                           cursor=state.cursor, seed=cfg.seed)
+        query = Query(round=rnd, proxy_hash=split.proxy_hash, indices=indices, temperature=cfg.distill.temperature,
+                      output=cfg.query.output, dtype=cfg.query.dtype)
+        nodes = sorted(grid.get_node_ids()) or nodes
+        messages = [Message(content=make_query_content(query), dst_node_id=node, message_type=QUERY_MESSAGE_TYPE,
+                            group_id=str(rnd)) for node in nodes]
+        replies = metered.send_and_receive(messages, timeout=cfg.federation.reply_timeout_s)
+        traffic = metered.take()
+        result = collect_replies(replies, expected={n: metered.name_of(n) for n in nodes}, round=rnd,
+                                 n_samples=len(indices), n_classes=n_classes, query=cfg.query)
+        loss = None
+        if len(result.accepted) >= quorum:
+            outputs = torch.stack([torch.from_numpy(r.outputs) for r in result.accepted])  # (H, N, C)
+            if cfg.query.output == OutputKind.LOGITS:
+                outputs = probs_from_logits(outputs, temperature=cfg.distill.temperature)
+            weights = torch.tensor([float(r.num_private) for r in result.accepted])
+            aggregated = aggregate_outputs(outputs, method=cfg.aggregator, weights=weights,
+                                           era_temperature=cfg.distill.era_temperature)
+            update_bank(state, indices, aggregated)
+            bank_pos = state.bank_indices
+            loss = distill_student(student=student, optimizer=optimizer, images=proxy_images[bank_pos],
+                                   target_probs=state.bank_probs, cfg=cfg.distill, gen=gen,
+                                   labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None)
+        else:
+            logger.warning("round %d: %d valid replies, below the quorum of %d; the student is not updated",
+                           rnd, len(result.accepted), quorum)
+        evaluation = evaluate_on_test(student, test)
+        seconds = time.perf_counter() - start
+        state.round, state.cursor, state.seconds = rnd, cursor, state.seconds + seconds
+        state.history.append({
+            "round": rnd, "test_auc": evaluation.auc, "test_acc": evaluation.acc,
+            "bytes_up": metered.by_name(traffic.bytes_up), "bytes_down": metered.by_name(traffic.bytes_down),
+            "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
+            "rejected": result.rejected, "seconds": seconds, "distill_loss": loss,
+            "proxy_samples_labelled": int(state.bank_indices.numel()),
+        })
+        final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value,
+                 "seconds": state.seconds, "per_class_auc": evaluation.per_class_auc,
+                 "per_class_acc": evaluation.per_class_acc}
+        save_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer, state=state)
+        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final if rnd == cfg.rounds else None,
+                      extra=_teacher_table(result.accepted))
+        logger.info("round %d/%d: test AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s",
+                    rnd, cfg.rounds, evaluation.auc, evaluation.acc, len(result.accepted), len(nodes),
+                    _mean_bytes(traffic.bytes_up), seconds)
+    if not final and state.history:
+        last = state.history[-1]
+        final = {"test_auc": last["test_auc"], "test_acc": last["test_acc"], "method": cfg.method.value,
+                 "seconds": state.seconds}
+        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final)
+    return final
+
+
+def _mean_bytes(counts: dict[int, int]) -> str:
+    return f"{np.mean(list(counts.values())):.0f}" if counts else "0"
+
+
+def _teacher_table(accepted: list[Any]) -> dict[str, Any]:
+    return {"teachers": [{"hospital": r.hospital, "model": r.model, "num_private": r.num_private,
+                          "local_val_auc": r.val_auc, "privacy": r.privacy} for r in accepted]}
+
+
+def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
+    """Dispatch on ``cfg.method`` (fedkd or fedavg: the two that need a federation)."""
+    if cfg.method == Method.FEDKD:
+        return run_fedkd(grid, cfg, out_dir)
+    if cfg.method == Method.FEDAVG:
+        from server.fedavg import run_fedavg
+
+        return run_fedavg(grid, cfg, out_dir)
+    raise MedkdError(f"method {cfg.method.value} runs without a federation; use `medkd simulate --method "
+                     f"{cfg.method.value}`")
+
+
+def make_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None) -> ServerApp:
+    """A ServerApp bound to ``cfg``/``out_dir`` (or reading both from the run config when None)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg if cfg is not None else config_from_run_config(context.run_config)
+        run_out = out_dir if out_dir is not None else out_dir_from_run_config(context.run_config, context.run_id)
+        run_server(grid, run_cfg, run_out)
+
+    return server_app
+
+
+app = make_server_app()

@@ -1,0 +1,91 @@
+"""Baselines that need no federation, on the same splits as FedKD.
+
+``centralized``: the student architecture trained on the union of the
+hospitals' private data (what pooling would give; the upper reference).
+``local``: each hospital's own teacher evaluated alone on the test split
+(the same teachers FedKD queries, loaded from the same hospital folders).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.teacher import load_or_train_teacher, teacher_seed
+from common.atomic import atomic_torch_save
+from common.config import ExperimentConfig
+from common.models import build_model
+from common.split import hospital_name, local_train_val, make_split, tensors
+from common.training import train_supervised
+from server.evaluate import evaluate_on_test, test_tensors, write_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
+    """Train the student on all hospitals' private data pooled; early stopping on their pooled local validation."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = make_split(cfg)
+    test = test_tensors(cfg, split)
+    train_x, train_y, val_x, val_y = [], [], [], []
+    for h in range(cfg.federation.hospitals):
+        private = split.hospital(h)
+        train_pos, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
+                                             seed=teacher_seed(cfg, h))
+        x, y = tensors(private, spatial_dims=split.data.spatial_dims)
+        train_x.append(x[train_pos]), train_y.append(y[train_pos]), val_x.append(x[val_pos]), val_y.append(y[val_pos])
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    student = build_model(cfg.student.model, split.model_spec())
+    logger.info("centralized: training %s on %d pooled private samples", cfg.student.model,
+                sum(t.shape[0] for t in train_y))
+    result = train_supervised(
+        model=student, train_images=torch.cat(train_x), train_labels=torch.cat(train_y),
+        val_images=torch.cat(val_x), val_labels=torch.cat(val_y), epochs=cfg.teacher.epochs,
+        patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
+        weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=cfg.seed,
+        class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ",
+    )
+    evaluation = evaluate_on_test(student, test)
+    seconds = time.perf_counter() - start
+    atomic_torch_save(out_dir / "student.pt", {"model": cfg.student.model, "state_dict": student.state_dict()})
+    final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value, "seconds": seconds,
+             "per_class_auc": evaluation.per_class_auc, "per_class_acc": evaluation.per_class_acc,
+             "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
+    rounds = [{"round": 1, "test_auc": evaluation.auc, "test_acc": evaluation.acc, "bytes_up": {}, "bytes_down": {},
+               "replies_ok": 0, "replies_rejected": 0, "seconds": seconds}]
+    write_metrics(out_dir, cfg=cfg, rounds=rounds, final=final)
+    return final
+
+
+def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict[str, Any]:
+    """Evaluate each hospital's teacher alone on the test split; final AUC is the mean over hospitals."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = make_split(cfg)
+    test = test_tensors(cfg, split)
+    start = time.perf_counter()
+    rows = []
+    for h in range(cfg.federation.hospitals):
+        teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=h,
+                                              hospital_dir=hospitals_dir / hospital_name(h))
+        evaluation = evaluate_on_test(teacher, test)
+        rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
+                     "local_val_auc": info.val_auc, "test_auc": evaluation.auc, "test_acc": evaluation.acc})
+        logger.info("local %s: test AUC %.4f acc %.4f (%d private samples)", info.hospital, evaluation.auc,
+                    evaluation.acc, info.num_private)
+    seconds = time.perf_counter() - start
+    aucs = [r["test_auc"] for r in rows if not math.isnan(r["test_auc"])]
+    best = max(rows, key=lambda r: r["test_auc"])
+    final = {"test_auc": float(np.mean(aucs)), "test_acc": float(np.mean([r["test_acc"] for r in rows])),
+             "method": cfg.method.value, "seconds": seconds, "best_test_auc": best["test_auc"],
+             "best_hospital": best["hospital"]}
+    rounds = [{"round": 1, "test_auc": final["test_auc"], "test_acc": final["test_acc"], "bytes_up": {},
+               "bytes_down": {}, "replies_ok": 0, "replies_rejected": 0, "seconds": seconds}]
+    write_metrics(out_dir, cfg=cfg, rounds=rounds, final=final, extra={"local": rows})
+    return final

@@ -1,0 +1,135 @@
+"""The ``medkd`` command line.
+
+``medkd simulate [--config FILE] [--method M] [--set k=v ...] [--out DIR]``
+
+Exit codes: 0 success, 2 invalid config or arguments, 1 any other medkd error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from common.config import ExperimentConfig, Method, load_config, parse_overrides
+from common.errors import ConfigError, MedkdError
+
+logger = logging.getLogger("medkd")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medkd", description="Federated knowledge distillation for hospitals.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sim = sub.add_parser("simulate", help="run K hospitals on this machine (Flower simulation engine)")
+    sim.add_argument("--config", type=Path, default=None,
+                     help="experiment YAML (default: RetinaMNIST, 5 hospitals, Dirichlet alpha 0.5)")
+    sim.add_argument("--method", choices=[m.value for m in Method], default=None,
+                     help="fedkd (default), fedavg, centralized or local; overrides the config's 'method'")
+    sim.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help="override config keys, e.g. --set rounds=3 federation.alpha=0.1 (repeatable)")
+    sim.add_argument("--out", type=Path, default=None,
+                     help="results folder (default: runs/<method>-<time>); an existing one is resumed")
+    sim.add_argument("--hospitals-dir", type=Path, default=None,
+                     help="hospital folders (teacher, outbound log); default <out>/hospitals")
+    sim.add_argument("--fresh", action="store_true", help="delete the checkpoint in --out and start over")
+    sim.add_argument("-v", "--verbose", action="store_true", help="debug logging (also Flower's)")
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, rich_tracebacks=False, log_time_format="%H:%M:%S")
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    if not verbose:  # Flower and Ray set their own levels; show only their warnings
+        handler.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.split(".")[0] not in ("flwr", "ray"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def _print_split(cfg: ExperimentConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from common.split import make_split
+
+    split = make_split(cfg)
+    table = Table(title=f"{split.data.name}: {cfg.federation.hospitals} hospitals, {cfg.federation.partition.value}"
+                  + (f" alpha={cfg.federation.alpha}" if cfg.federation.partition.value != "iid" else ""))
+    table.add_column("holder")
+    table.add_column("size", justify="right")
+    for c in range(split.data.n_classes):
+        table.add_column(f"class {c}", justify="right")
+    for row in split.size_table():
+        table.add_row(str(row["name"]), str(row["size"]), *[str(n) for n in row["class_counts"]])
+    table.add_row("test", str(split.data.test.labels.shape[0]),
+                  *[str(int((split.data.test.labels == c).sum())) for c in range(split.data.n_classes)])
+    Console(stderr=True).print(table)
+
+
+def _print_result(out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    doc = json.loads((out_dir / "metrics.json").read_text())
+    console = Console()
+    if len(doc["rounds"]) > 1 or doc["method"] in ("fedkd", "fedavg"):
+        table = Table(title=f"{doc['method']} rounds")
+        for col in ("round", "test AUC", "test acc", "up B/hospital", "down B/hospital", "ok", "rejected", "s"):
+            table.add_column(col, justify="right")
+        for r in doc["rounds"]:
+            up = r["bytes_up"].values() or [0]
+            down = r["bytes_down"].values() or [0]
+            table.add_row(str(r["round"]), f"{r['test_auc']:.4f}", f"{r['test_acc']:.4f}",
+                          f"{sum(up) / len(up):,.0f}", f"{sum(down) / len(down):,.0f}", str(r["replies_ok"]),
+                          str(r["replies_rejected"]), f"{r['seconds']:.1f}")
+        console.print(table)
+    final = doc["final"]
+    extra = ""
+    if doc["method"] == "local":
+        extra = f" (mean over hospitals; best {final['best_hospital']} {final['best_test_auc']:.4f})"
+    console.print(f"[bold]final student test AUC {final['test_auc']:.4f}[/bold], accuracy {final['test_acc']:.4f}"
+                  f"{extra} — method {doc['method']}, {final['seconds']:.0f} s")
+    console.print(f"privacy: {doc['privacy']}")
+    console.print(f"results: {out_dir}/metrics.json, {out_dir}/config.yaml")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.overrides)
+    if args.method:
+        overrides["method"] = args.method
+    cfg = load_config(args.config, overrides=overrides)  # raises ConfigError before any work
+    _setup_logging(args.verbose)
+    out_dir = args.out or Path("runs") / f"{cfg.method.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.fresh:
+        for name in ("checkpoint.pt", "student.pt", "metrics.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    from simulations.run import simulate
+
+    logger.info("medkd simulate: method %s, %d rounds, results in %s", cfg.method.value, cfg.rounds, out_dir)
+    _print_split(cfg)
+    simulate(cfg, out_dir=out_dir, hospitals_dir=args.hospitals_dir)
+    _print_result(out_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "simulate":
+            return cmd_simulate(args)
+    except ConfigError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except MedkdError as e:
+        print(f"medkd: error: {e}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
