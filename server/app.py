@@ -29,7 +29,7 @@ from common.errors import MedkdError
 from common.models import build_model
 from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content
 from common.runconfig import config_from_run_config, out_dir_from_run_config
-from common.split import FederatedSplit, make_split, tensors
+from common.split import make_split, tensors
 from common.training import seed_everything
 from server.aggregate import aggregate_outputs, probs_from_logits
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
@@ -183,12 +183,25 @@ def run_server(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
                      f"{cfg.method.value}`")
 
 
+def _log_to_console() -> None:
+    """Under ``flwr run`` nobody configures logging; print medkd's INFO lines like Flower's own."""
+    for name in ("server", "client", "common"):
+        log = logging.getLogger(name)
+        if not log.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s medkd: %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+
+
 def make_server_app(cfg: ExperimentConfig | None = None, out_dir: Path | None = None) -> ServerApp:
     """A ServerApp bound to ``cfg``/``out_dir`` (or reading both from the run config when None)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        if cfg is None:  # started by `flwr run`: this is the entry point, so show medkd's progress
+            _log_to_console()
         run_cfg = cfg if cfg is not None else config_from_run_config(context.run_config)
         run_out = out_dir if out_dir is not None else out_dir_from_run_config(context.run_config, context.run_id)
         run_server(grid, run_cfg, run_out)

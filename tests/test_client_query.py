@@ -10,8 +10,9 @@ from flwr.app import ArrayRecord, Array, ConfigRecord, Context, RecordDict
 
 from client.app import make_client_app
 from common.config import OutputKind, WireDtype
-from common.payload import QUERY_MESSAGE_TYPE, QUERY_REJECTED_CODE, Query, make_query_content, parse_query
-from common.errors import PayloadError
+from common.payload import (QUERY_MESSAGE_TYPE, QUERY_REJECTED_CODE, TEACHER_MESSAGE_TYPE, Query, make_query_content,
+                            parse_query)
+from common.errors import MedkdError, PayloadError
 from common.split import make_split
 from tests.conftest import request_message
 
@@ -93,3 +94,25 @@ def test_parse_query_accepts_the_contract() -> None:
     with pytest.raises(PayloadError, match="proxy set has 4 samples"):
         parse_query(make_query_content(_query("abc", indices=np.array([4]))), proxy_size=4, proxy_hash="abc",
                     max_indices=10)
+
+
+def test_explicit_teacher_command_trains_and_replies_with_metrics_only(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    app = make_client_app(cfg, tmp_path)
+    context = Context(run_id=1, node_id=12, node_config={"partition-id": 2, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    reply = app(request_message(RecordDict(), message_type=TEACHER_MESSAGE_TYPE, dst_node_id=12), context)
+    assert not reply.has_error() and not reply.content.array_records
+    metrics = reply.content.metric_records["metrics"]
+    assert metrics["num_private"] == make_split(cfg).hospital_indices[2].size
+    assert 0.0 <= metrics["val_auc"] <= 1.0
+    assert (tmp_path / "H2" / "teacher.pt").exists()
+
+
+def test_hospital_refuses_to_send_weights_outside_the_fedavg_baseline(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config()  # method fedkd
+    app = make_client_app(cfg, tmp_path)
+    context = Context(run_id=1, node_id=10, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config={})
+    with pytest.raises(MedkdError, match="refuses to send model weights: method is fedkd"):
+        app(request_message(RecordDict(), message_type="train", dst_node_id=10), context)

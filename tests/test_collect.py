@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message
 
 from common.config import OutputKind, QueryConfig, WireDtype
 from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content, make_reply_content, parse_reply
@@ -68,7 +68,7 @@ def test_bad_reply_rejected_round_goes_on(label: str, bad: Message, reason: str,
         result = collect_replies([*good, bad], expected=expected, round=4, n_samples=N, n_classes=C, query=QUERY)
     assert [r.hospital for r in result.accepted] == ["H1", "H2"]
     assert list(result.rejected) == ["H3"] and reason in result.rejected["H3"]
-    assert f"hospital H3 reply rejected: " in caplog.text and "(round 4); continuing with 2 of 3 replies" in caplog.text
+    assert "hospital H3 reply rejected: " in caplog.text and "(round 4); continuing with 2 of 3 replies" in caplog.text
 
 
 def test_missing_reply_is_reported() -> None:

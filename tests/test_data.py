@@ -27,14 +27,12 @@ from common.data import (
     to_tensor,
 )
 from common.errors import DataError
+from tests.conftest import MEDMNIST_DIR
 
-
-def _shared_medmnist_dir() -> Path:
-    return Path(os.environ.get("MEDKD_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")) / "medmnist"
 
 
 def _real_file(name: str) -> Path:
-    path = _shared_medmnist_dir() / name
+    path = MEDMNIST_DIR / name
     if not path.is_file():
         pytest.skip(f"real data file {path} is absent (set MEDKD_TEST_DATA to the shared data directory)")
     return path

@@ -2,27 +2,23 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.data import load_medmnist
 from common.errors import DataError
+from tests.conftest import MEDMNIST_DIR
 from common.partition import PartitionKind, partition_indices, split_proxy
 
 N_CLASSES = 5
 
 
-def _shared_medmnist_dir() -> Path:
-    return Path(os.environ.get("MEDKD_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data")) / "medmnist"
-
 
 @pytest.fixture(scope="module")
 def labels() -> np.ndarray:
     """RetinaMNIST train labels, (1080,) int64."""
-    path = _shared_medmnist_dir() / "retinamnist.npz"
+    path = MEDMNIST_DIR / "retinamnist.npz"
     if not path.is_file():
         pytest.skip(f"real data file {path} is absent (set MEDKD_TEST_DATA to the shared data directory)")
     return load_medmnist(path).train.labels
