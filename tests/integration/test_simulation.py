@@ -43,7 +43,7 @@ def test_fedkd_three_hospitals_two_rounds(tiny_config, tmp_path: Path) -> None:
 
 
 def test_faulty_hospital_is_rejected_and_rounds_go_on(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config(**{"federation.faults": {"0": "nan"}, "teacher.epochs": 2})
+    cfg = tiny_config(**{"federation.faults": {"0": "nan"}, "teacher.epochs": 12, "teacher.patience": 5})
     out = tmp_path / "faulty"
     final = simulate(cfg, out_dir=out)
     doc = _metrics(out)
