@@ -58,7 +58,8 @@ def wait_for_nodes(grid: Grid, *, wanted: int, quorum: int, timeout_s: float) ->
         time.sleep(0.5)
     if len(nodes) < quorum:
         raise MedkdError(f"only {len(nodes)} of {wanted} hospitals connected within {timeout_s:.0f} s; "
-                         f"the quorum is {quorum} (federation.min_replies)")
+                         f"the quorum is {quorum} (federation.min_replies); under `flwr run`, simulate one "
+                         f"SuperNode per hospital with --federation-config \"num-supernodes={wanted}\"")
     if len(nodes) < wanted:
         logger.warning("only %d of %d hospitals connected; going on with them", len(nodes), wanted)
     logger.info("%d hospitals connected", len(nodes))
@@ -113,6 +114,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         query = Query(round=rnd, proxy_hash=split.proxy_hash, indices=indices, temperature=cfg.distill.temperature,
                       output=cfg.query.output, dtype=cfg.query.dtype)
         nodes = sorted(grid.get_node_ids()) or nodes
+        logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
+                    len(indices), " (hospitals train their teachers on first use)" if rnd == 1 else "")
         messages = [Message(content=make_query_content(query), dst_node_id=node, message_type=QUERY_MESSAGE_TYPE,
                             group_id=str(rnd)) for node in nodes]
         replies = metered.send_and_receive(messages, timeout=cfg.federation.reply_timeout_s)

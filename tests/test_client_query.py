@@ -116,3 +116,12 @@ def test_hospital_refuses_to_send_weights_outside_the_fedavg_baseline(tiny_confi
                       state=RecordDict(), run_config={})
     with pytest.raises(MedkdError, match="refuses to send model weights: method is fedkd"):
         app(request_message(RecordDict(), message_type="train", dst_node_id=10), context)
+
+
+def test_each_hospital_may_use_its_own_teacher_architecture(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config(**{"teacher.per_hospital": {"1": "resnet18"}, "teacher.epochs": 1})
+    split = make_split(cfg)
+    app = make_client_app(cfg, tmp_path)
+    reply = _call(app, make_query_content(_query(split.proxy_hash)), tmp_path, partition=1)
+    assert reply.content.config_records["hospital"]["model"] == "resnet18"
+    assert tuple(reply.content.array_records["outputs"]["outputs"].shape) == (8, split.data.n_classes)
