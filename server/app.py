@@ -96,8 +96,9 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
     student = build_model(cfg.student.model, spec)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     state = load_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer) or ServerState()
-    if state.round >= cfg.rounds:
+    if state.round >= cfg.rounds and state.history:
         logger.info("all %d rounds already done in %s", cfg.rounds, out_dir)
+        return _finish(out_dir, cfg, state)
     if state.round > 0:
         gen.manual_seed(cfg.seed * 100003 + state.round)
 
@@ -157,11 +158,15 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         logger.info("round %d/%d: test AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s",
                     rnd, cfg.rounds, evaluation.auc, evaluation.acc, len(result.accepted), len(nodes),
                     _mean_bytes(traffic.bytes_up), seconds)
-    if not final and state.history:
-        last = state.history[-1]
-        final = {"test_auc": last["test_auc"], "test_acc": last["test_acc"], "method": cfg.method.value,
-                 "seconds": state.seconds}
-        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final)
+    return final or _finish(out_dir, cfg, state)
+
+
+def _finish(out_dir: Path, cfg: ExperimentConfig, state: ServerState) -> dict[str, Any]:
+    """Final block from the last recorded round (a resumed run with nothing left to do)."""
+    last = state.history[-1]
+    final = {"test_auc": last["test_auc"], "test_acc": last["test_acc"], "method": cfg.method.value,
+             "seconds": state.seconds}
+    write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final)
     return final
 
 
