@@ -192,7 +192,7 @@ class ExperimentConfig:
     seed: int = _f(0, ge=0, doc="seed for splits, initialisation and sampling")
     rounds: int = _f(10, ge=1, doc="federated rounds (fedkd, fedavg); centralized and local train once")
     method: Method = _f(Method.FEDKD, doc="fedkd | fedavg | centralized | local")
-    aggregator: AggregatorName = _f(AggregatorName.MEAN, doc="mean | weighted | era | certainty | median")
+    aggregator: AggregatorName = _f(AggregatorName.ERA, doc="mean | weighted | era | certainty | median")
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

@@ -19,7 +19,7 @@ def test_defaults_are_the_documented_experiment() -> None:
     cfg = load_config(None)
     assert (cfg.data.dataset, cfg.federation.hospitals, cfg.federation.partition, cfg.federation.alpha) == (
         "retinamnist", 5, PartitionName.DIRICHLET, 0.5)
-    assert cfg.method == Method.FEDKD and cfg.aggregator == AggregatorName.MEAN
+    assert cfg.method == Method.FEDKD and cfg.aggregator == AggregatorName.ERA
     assert cfg.quorum() == 3
 
 
