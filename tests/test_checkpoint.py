@@ -51,7 +51,7 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path: Path) -> None:
 def test_a_different_config_is_refused(tmp_path: Path) -> None:
     save_checkpoint(tmp_path, cfg=build_config({}), student=_student(), optimizer=None, state=ServerState(round=1))
     with pytest.raises(MedkdError, match="different config; use another --out, or --fresh"):
-        load_checkpoint(tmp_path, cfg=build_config({"aggregator": "era"}), student=_student(), optimizer=None)
+        load_checkpoint(tmp_path, cfg=build_config({"aggregator": "median"}), student=_student(), optimizer=None)
 
 
 def test_a_torn_checkpoint_is_reported(tmp_path: Path) -> None:
