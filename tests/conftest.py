@@ -30,11 +30,11 @@ def tiny_config(medmnist_dir: Path):
 
     def make(**overrides: object) -> ExperimentConfig:
         raw = {
-            "seed": 0, "rounds": 2,
+            "seed": 0, "rounds": 2, "aggregator": "mean",
             "data": {"dataset": "retinamnist", "data_dir": str(medmnist_dir), "download": False,
                      "proxy_fraction": 0.25},
             "federation": {"hospitals": 3, "partition": "dirichlet", "alpha": 1.0, "wait_for_nodes_s": 120},
-            "teacher": {"epochs": 4, "patience": 2},
+            "teacher": {"epochs": 10, "patience": 4},
             "distill": {"proxy_batch": 64, "epochs": 3},
         }
         return build_config(raw, source="tiny", overrides=dict(overrides))
