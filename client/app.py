@@ -27,6 +27,7 @@ from client.gate import NO_DP, OutboundGate
 from client.serve import teacher_outputs
 from client.teacher import load_or_train_teacher, teacher_seed
 from common.config import ExperimentConfig, Method
+from common.data import to_tensor
 from common.errors import MedkdError, PayloadError
 from common.models import build_model
 from common.payload import QUERY_REJECTED_CODE, make_reply_content, parse_query
@@ -82,9 +83,8 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
         return _reject(msg, hospital.name, round_, str(e))
     teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=hospital.index,
                                           hospital_dir=hospital.directory)
-    images, _ = tensors(proxy, spatial_dims=split.data.spatial_dims)
-    outputs = teacher_outputs(teacher, images[torch.as_tensor(query.indices)], output=query.output,
-                              temperature=query.temperature)
+    images = to_tensor(proxy.images[query.indices], spatial_dims=split.data.spatial_dims)  # only the queried samples
+    outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
                                  privacy=NO_DP, num_private=info.num_private, val_auc=info.val_auc)
     gate = OutboundGate(hospital=hospital.name, hospital_dir=hospital.directory)

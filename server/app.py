@@ -117,8 +117,9 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         nodes = sorted(grid.get_node_ids()) or nodes
         logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
                     len(indices), " (hospitals train their teachers on first use)" if rnd == 1 else "")
-        messages = [Message(content=make_query_content(query), dst_node_id=node, message_type=QUERY_MESSAGE_TYPE,
-                            group_id=str(rnd)) for node in nodes]
+        content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
+        messages = [Message(content=content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
+                    for node in nodes]
         replies = metered.send_and_receive(messages, timeout=cfg.federation.reply_timeout_s)
         traffic = metered.take()
         result = collect_replies(replies, expected={n: metered.name_of(n) for n in nodes}, round=rnd,

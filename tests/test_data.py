@@ -30,7 +30,6 @@ from common.errors import DataError
 from tests.conftest import MEDMNIST_DIR
 
 
-
 def _real_file(name: str) -> Path:
     path = MEDMNIST_DIR / name
     if not path.is_file():

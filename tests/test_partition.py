@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from common.data import load_medmnist
 from common.errors import DataError
-from tests.conftest import MEDMNIST_DIR
 from common.partition import PartitionKind, partition_indices, split_proxy
 
 N_CLASSES = 5
 
 
-
 @pytest.fixture(scope="module")
-def labels() -> np.ndarray:
+def labels(medmnist_dir: Path) -> np.ndarray:
     """RetinaMNIST train labels, (1080,) int64."""
-    path = MEDMNIST_DIR / "retinamnist.npz"
-    if not path.is_file():
-        pytest.skip(f"real data file {path} is absent (set MEDKD_TEST_DATA to the shared data directory)")
+    path = medmnist_dir / "retinamnist.npz"
     return load_medmnist(path).train.labels
 
 
