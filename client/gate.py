@@ -1,12 +1,24 @@
-"""The one outbound path of a hospital: every payload that leaves passes :meth:`OutboundGate.release`.
+"""The one exit of a hospital: every reply its ClientApp sends passes :meth:`OutboundGate.guard`.
 
-The gate checks that a payload holds only what its kind allows (teacher
-outputs for ``query.logits``; model weights only for the FedAvg *baseline*,
-which exists to be compared against), enforces a size limit, and appends
-one JSON line per released payload to ``<hospital_dir>/outbound.jsonl``:
-round, kind, bytes, SHA-256 of the serialised payload, and the privacy
-statement. Later mechanisms (DP noise, the privacy ledger, the signed audit
-log) hook in here.
+The gate wraps the whole ClientApp (``client.app.HospitalApp``), outside
+every handler and every Flower mod, so that nothing runs after it:
+
+1. it runs the handler and turns any exception into an error reply. A
+   refusal (:class:`~common.errors.PayloadError`, including a
+   :class:`~common.errors.PolicyRefusal`) says what was refused and which
+   field or policy key; any other failure says only that the hospital could
+   not answer. Local paths and exception internals stay in the hospital's
+   own log (``hospital.log``), never in the reply;
+2. it checks that the reply holds only the records its message kind allows
+   (teacher outputs for ``query.logits``, metrics for ``train.teacher``,
+   model weights for ``train`` only where the policy opted in) and is not
+   too large; a reply that breaks this is withheld and replaced by an error;
+3. it serialises the reply exactly as it will travel, appends one line with
+   the SHA-256 of those bytes to ``outbound.jsonl`` (single write + fsync),
+   and sends a fresh copy decoded from those very bytes, so that nothing
+   can change the payload after it was hashed and logged.
+
+Later mechanisms (DP noise, the privacy ledger, the signed audit log) hook in here.
 """
 
 from __future__ import annotations
@@ -15,63 +27,164 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from flwr.app import RecordDict
+from flwr.app import Error, Message
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from common.errors import PayloadError
+from client.hospital import LOCAL_LOG, OUTBOUND_LOG
+from common.errors import DataError, PayloadError, PolicyError
+from common.payload import (FEDAVG_MESSAGE_TYPE, HOSPITAL_ERROR_CODE, QUERY_MESSAGE_TYPE, QUERY_REJECTED_CODE,
+                            TEACHER_MESSAGE_TYPE, WITHHELD_CODE, wire_bytes)
 
 logger = logging.getLogger(__name__)
 
 NO_DP = "none: no formal DP guarantee"
-OUTBOUND_LOG = "outbound.jsonl"
+MAX_REASON = 400
+_PATH = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=['\"(=]))(?:~|[A-Za-z]:)?[/\\][^\s'\",;)]*")
 
-# kind -> ArrayRecord names a payload of that kind may carry
-_ALLOWED_ARRAYS = {"query.logits": {"outputs"}, "train.fedavg-baseline": {"arrays"}}
+# message type -> (ArrayRecords, MetricRecords, ConfigRecords) its reply may carry
+_REPLY_RECORDS: dict[str, tuple[set[str], set[str], set[str]]] = {
+    QUERY_MESSAGE_TYPE: ({"outputs"}, {"metrics"}, {"hospital"}),
+    TEACHER_MESSAGE_TYPE: (set(), {"metrics"}, set()),
+    FEDAVG_MESSAGE_TYPE: ({"arrays"}, {"metrics"}, {"hospital"}),
+}
+
+
+def scrub(text: str) -> str:
+    """``text`` without anything that looks like a file path, cut to :data:`MAX_REASON` characters."""
+    clean = _PATH.sub("<path>", text)
+    return clean if len(clean) <= MAX_REASON else clean[: MAX_REASON - 3] + "..."
 
 
 class OutboundGate:
-    """Checks and records every payload a hospital sends."""
+    """Checks, records and releases every reply of one hospital."""
 
-    def __init__(self, *, hospital: str, hospital_dir: Path, max_bytes: int = 64 * 2**20) -> None:
+    def __init__(self, *, hospital: str, folder: Path, run_id: int, allow_weights: bool = False,
+                 privacy: str = NO_DP, max_bytes: int = 64 * 2**20) -> None:
         self.hospital = hospital
-        self.hospital_dir = Path(hospital_dir)
+        self.folder = Path(folder)
+        self.run_id = int(run_id)
+        self.allow_weights = allow_weights
+        self.privacy = privacy
         self.max_bytes = max_bytes
 
-    def release(self, content: RecordDict, *, kind: str, round: int, privacy: str = NO_DP) -> RecordDict:
-        """Check ``content`` for ``kind``, log it, and hand it back for sending.
+    # ------------------------------------------------------------------ the exit
 
-        Raises
-        ------
-        PayloadError
-            If the payload carries arrays its kind does not allow, or is too large.
-        """
-        from flwr.common.serde import recorddict_to_proto
-
-        allowed = _ALLOWED_ARRAYS.get(kind)
-        if allowed is None:
-            raise PayloadError(f"{self.hospital}: no outbound payload kind {kind!r}; known: {sorted(_ALLOWED_ARRAYS)}")
-        extra = set(content.array_records) - allowed
-        if extra:
-            raise PayloadError(f"{self.hospital}: payload {kind} may not carry arrays {sorted(extra)}")
-        wire = recorddict_to_proto(content).SerializeToString()
-        if len(wire) > self.max_bytes:
-            raise PayloadError(f"{self.hospital}: payload of {len(wire)} bytes exceeds the limit of {self.max_bytes}")
-        self._append({
-            "time": time.time(), "hospital": self.hospital, "round": round, "kind": kind, "bytes": len(wire),
-            "sha256": hashlib.sha256(wire).hexdigest(), "privacy": privacy,
-        })
-        logger.debug("%s released %s payload of %d bytes (round %d)", self.hospital, kind, len(wire), round)
-        return content
-
-    def _append(self, record: dict[str, object]) -> None:
-        """Append one line with a single write + fsync (a crash leaves whole lines only)."""
-        self.hospital_dir.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, sort_keys=True) + "\n").encode()
-        fd = os.open(self.hospital_dir / OUTBOUND_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    def guard(self, request: Message, handle: Callable[[Message], Message]) -> Message:
+        """Run ``handle(request)`` and release its reply (or an error reply) through the gate."""
+        kind, round_ = _kind(request), _round(request)
         try:
-            os.write(fd, line)
+            reply = handle(request)
+        except PayloadError as e:  # a refusal: the reason names the field or the policy key
+            reason = f"hospital {self.hospital} refused {kind} (round {round_}): {e.reason}"
+            self.note(reason)
+            logger.warning("%s", reason)
+            reply = Message(Error(code=QUERY_REJECTED_CODE, reason=reason), reply_to=request)
+        except Exception as e:  # details stay here; the reply says only what kind of failure it was
+            what = ("its policy is invalid" if isinstance(e, PolicyError) else
+                    "its data could not be loaded" if isinstance(e, DataError) else "internal error")
+            self.note(f"{kind} (round {round_}) failed: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+            logger.error("hospital %s could not answer %s (round %s): %s", self.hospital, kind, round_, e)
+            reply = Message(Error(code=HOSPITAL_ERROR_CODE, reason=f"hospital {self.hospital} could not answer "
+                                  f"{kind} (round {round_}): {what}; details stay in the hospital's log"),
+                            reply_to=request)
+        return self.release(request, reply)
+
+    def release(self, request: Message, reply: object) -> Message:
+        """Check ``reply``, log the SHA-256 of its wire bytes, and return a copy decoded from those bytes."""
+        kind, round_ = _kind(request), _round(request)
+        if isinstance(reply, Message) and reply.has_content():
+            problem = self._check_content(kind, reply)
+            if problem is None:
+                proto = recorddict_to_proto(reply.content)
+                wire = proto.SerializeToString(deterministic=True)
+                if len(wire) <= self.max_bytes:
+                    outgoing = Message(recorddict_from_proto(proto), reply_to=request)
+                    self._log(request, status="sent", wire=wire, n_indices=_n_indices(kind, outgoing))
+                    return outgoing
+                problem = f"payload of {len(wire)} bytes exceeds the gate's limit of {self.max_bytes}"
+            self.note(f"withheld a {kind} reply (round {round_}): {problem}")
+            logger.error("hospital %s withheld a %s reply (round %s): %s", self.hospital, kind, round_, problem)
+            reply = Message(Error(code=WITHHELD_CODE, reason=f"hospital {self.hospital} withheld its {kind} reply "
+                                  f"(round {round_}): it broke the outbound contract"), reply_to=request)
+        elif not isinstance(reply, Message) or not reply.has_error():
+            reply = Message(Error(code=HOSPITAL_ERROR_CODE, reason=f"hospital {self.hospital} produced no reply to "
+                                  f"{kind} (round {round_})"), reply_to=request)
+        outgoing = Message(Error(code=int(reply.error.code), reason=scrub(str(reply.error.reason))), reply_to=request)
+        self._log(request, status="error", wire=wire_bytes(outgoing), n_indices=0, code=int(reply.error.code))
+        return outgoing
+
+    def _check_content(self, kind: str, reply: Message) -> str | None:
+        allowed = _REPLY_RECORDS.get(kind)
+        if allowed is None:
+            return f"no reply payload is allowed for message type {kind!r}"
+        if kind == FEDAVG_MESSAGE_TYPE and not self.allow_weights:
+            return "model weights may not leave: the policy's answers.fedavg_weights is false"
+        arrays, metrics, configs = allowed
+        content = reply.content
+        for have, want, what in ((content.array_records, arrays, "arrays"),
+                                 (content.metric_records, metrics, "metrics"),
+                                 (content.config_records, configs, "configs")):
+            extra = sorted(set(have) - want)
+            if extra:
+                return f"{kind} replies may not carry {what} {extra}"
+        if kind == QUERY_MESSAGE_TYPE and set(content.array_records.get("outputs", {})) != {"outputs"}:
+            return "ArrayRecord 'outputs' must hold exactly the array 'outputs'"
+        return None
+
+    # ------------------------------------------------------------------ logs
+
+    def _log(self, request: Message, *, status: str, wire: bytes, n_indices: int, code: int | None = None) -> None:
+        record: dict[str, object] = {
+            "time": time.time(), "hospital": self.hospital, "run_id": self.run_id, "round": _round(request),
+            "request_id": str(request.metadata.message_id)[:128], "kind": _kind(request), "status": status,
+            "bytes": len(wire), "sha256": hashlib.sha256(wire).hexdigest(), "n_indices": int(n_indices),
+            "privacy": self.privacy,
+        }
+        if code is not None:
+            record["error_code"] = code
+        self._append(self.folder / OUTBOUND_LOG, json.dumps(record, sort_keys=True) + "\n")
+        logger.debug("%s released %s %s reply of %d bytes", self.hospital, status, record["kind"], len(wire))
+
+    def note(self, text: str) -> None:
+        """Append ``text`` to the hospital's own log (never sent anywhere)."""
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._append(self.folder / LOCAL_LOG, f"{stamp} run {self.run_id}: {text.rstrip()}\n")
+
+    def _append(self, path: Path, text: str) -> None:
+        """Append with a single write + fsync (a crash leaves whole lines only)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, text.encode())
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _kind(request: Message) -> str:
+    return scrub(str(request.metadata.message_type))[:64]
+
+
+def _round(request: Message) -> str:
+    """The round a request belongs to: its group ID (medkd's queries), else FedAvg's ``server-round``; "?" if neither."""
+    group = str(request.metadata.group_id)
+    if group.isdigit() and len(group) <= 9:
+        return group
+    try:
+        value = request.content.config_records["config"]["server-round"]
+    except Exception:  # no content, no such record: the round is unknown, not an error
+        return "?"
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9 else "?"
+
+
+def _n_indices(kind: str, reply: Message) -> int:
+    if kind != QUERY_MESSAGE_TYPE:
+        return 0
+    shape = reply.content.array_records["outputs"]["outputs"].shape
+    return int(shape[0]) if shape else 0

@@ -59,6 +59,7 @@ def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: 
     h.update(cfg.teacher_model(hospital).encode())
     settings = config_to_dict(cfg.teacher)
     settings.pop("per_hospital")
+    settings.pop("model")  # the hospital's own architecture is hashed above
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(f"{cfg.data.local_val_fraction}|{teacher_seed(cfg, hospital)}".encode())
     return h.hexdigest()

@@ -9,30 +9,52 @@ Query (server -> hospital), message type ``query.logits``::
 Reply (hospital -> server)::
 
     ArrayRecord  "outputs":  "outputs" -> (N, C) float16/float32 teacher outputs
-    MetricRecord "metrics":  num_private (int), val_auc (float)
+    MetricRecord "metrics":  num_private (int), val_auc (float in [0, 1], or -1 when undefined)
     ConfigRecord "hospital": name (str), model (str), privacy (str)
 
-Nothing else may leave a hospital: no weights, gradients or private samples.
-All checks live here so that the client (:func:`parse_query`) and the server
-(:func:`parse_reply`) apply one contract.
+Nothing else may leave a hospital: no weights, gradients or private samples
+(the FedAvg *baseline*'s weights only where a hospital's policy opts in).
+
+Everything that crosses the boundary is distrusted. :func:`parse_query` and
+:func:`parse_reply` check the exact set of records and keys, every value's
+type, range, finiteness and length, and the *decoded* array (dtype, shape,
+values), not only what its metadata claims. Every problem, including any
+conversion error, becomes a :class:`~common.errors.PayloadError` naming the
+field; no other exception escapes them.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from common.config import OutputKind, WireDtype
 from common.errors import PayloadError
 
 QUERY_MESSAGE_TYPE = "query.logits"
 TEACHER_MESSAGE_TYPE = "train.teacher"
-QUERY_REJECTED_CODE = 100  # Error code of a hospital's refusal of a malformed query
+FEDAVG_MESSAGE_TYPE = "train"
+
+QUERY_REJECTED_CODE = 100  # a hospital refused a query: malformed, or outside its policy
+HOSPITAL_ERROR_CODE = 101  # a hospital could not answer (details stay in its own log)
+WITHHELD_CODE = 102  # a hospital's gate withheld a reply that broke the outbound contract
+
+MAX_TEXT = 256  # longest free-text field (model, privacy statement)
+MAX_ROUND = 10**6
+MAX_PRIVATE = 10**9
+NPY_HEADER_MAX = 4096  # bytes of .npy header allowed on top of the raw data
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+UNDEFINED_AUC = -1.0  # val_auc when the hospital's local validation holds a single class
 
 _WIRE_DTYPES = {WireDtype.FLOAT16: np.float16, WireDtype.FLOAT32: np.float32}
+_NUMPY_STYPE = "numpy.ndarray"
 
 
 @dataclass(frozen=True)
@@ -56,7 +78,134 @@ class Reply:
     privacy: str
     outputs: np.ndarray  # (N, C) float32 (converted from the wire dtype after checks)
     num_private: int
-    val_auc: float
+    val_auc: float  # in [0, 1], or -1 when undefined
+
+
+# --------------------------------------------------------------------------- generic checks
+
+
+def check_records(content: Any, *, arrays: set[str], metrics: set[str], configs: set[str]) -> None:
+    """``content`` holds exactly these records, each of its declared kind."""
+    if not isinstance(content, RecordDict):
+        raise PayloadError(f"expected a RecordDict, got {type(content).__name__}", field="content")
+    want = {**{k: ArrayRecord for k in arrays}, **{k: MetricRecord for k in metrics},
+            **{k: ConfigRecord for k in configs}}
+    names = [str(k) for k in content.keys()]
+    extra = sorted(set(names) - set(want))
+    if extra:
+        raise PayloadError(f"unexpected record(s) {_short(extra)}; expected exactly {sorted(want)}", field="content")
+    for name, kind in want.items():
+        if name not in names:
+            raise PayloadError(f"missing {kind.__name__} {name!r}", field="content")
+        if not isinstance(content[name], kind):
+            raise PayloadError(f"expected a {kind.__name__}, got {type(content[name]).__name__}", field=name)
+
+
+def check_keys(record: Mapping[str, Any], *, field: str, required: set[str], optional: frozenset[str] = frozenset()) -> None:
+    names = {str(k) for k in record.keys()}
+    extra = sorted(names - required - optional)
+    if extra:
+        raise PayloadError(f"unexpected key(s) {_short(extra)}", field=field)
+    missing = sorted(required - names)
+    if missing:
+        raise PayloadError(f"missing key(s) {missing}", field=field)
+
+
+def _short(items: list[str], limit: int = 5) -> str:
+    shown = [s[:40] for s in items[:limit]]
+    return repr(shown) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def as_integer(value: Any, *, field: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PayloadError(f"expected an integer, got {type(value).__name__}", field=field)
+    if isinstance(value, (float, np.floating)):
+        if not math.isfinite(value) or not float(value).is_integer():
+            raise PayloadError(f"expected an integer, got {value!r}", field=field)
+    number = int(value)
+    if not low <= number <= high:
+        raise PayloadError(f"must be in [{low}, {high}], got {number!r:.40}", field=field)
+    return number
+
+
+def as_number(value: Any, *, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PayloadError(f"expected a number, got {type(value).__name__}", field=field)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise PayloadError("is too large for a float", field=field) from None
+    if not math.isfinite(number):
+        raise PayloadError(f"must be finite, got {number!r}", field=field)
+    return number
+
+
+def as_text(value: Any, *, field: str, max_len: int = MAX_TEXT, pattern: re.Pattern[str] | None = None) -> str:
+    if not isinstance(value, str):
+        raise PayloadError(f"expected a string, got {type(value).__name__}", field=field)
+    if len(value) > max_len:
+        raise PayloadError(f"string of {len(value)} characters, more than {max_len}", field=field)
+    if pattern is not None and not pattern.fullmatch(value):
+        raise PayloadError(f"does not match {pattern.pattern}: {value[:40]!r}", field=field)
+    return value
+
+
+def as_choice(value: Any, enum_type: type, *, field: str) -> Any:
+    text = as_text(value, field=field, max_len=32)
+    try:
+        return enum_type(text)
+    except ValueError:
+        raise PayloadError(f"must be one of {[m.value for m in enum_type]}, got {text!r}", field=field) from None
+
+
+def decode_array(array: Any, *, field: str, dtypes: tuple[str, ...], ndim: int, max_elements: int) -> np.ndarray:
+    """Decode a received :class:`flwr.app.Array` safely and check what it *decodes to*.
+
+    The declared metadata is checked first (so that no oversized buffer is
+    parsed), then the bytes are decoded with ``allow_pickle=False`` and the
+    decoded array's dtype, rank and size are checked again.
+    """
+    if not isinstance(array, Array):
+        raise PayloadError(f"expected an Array, got {type(array).__name__}", field=field)
+    if array.stype != _NUMPY_STYPE:
+        raise PayloadError(f"unsupported serialisation {str(array.stype)[:40]!r}", field=field)
+    declared = tuple(array.shape)
+    if len(declared) != ndim or any(not isinstance(d, int) or d < 0 for d in declared):
+        raise PayloadError(f"declared shape {declared[:8]} is not a {ndim}-D shape", field=field)
+    if math.prod(declared) > max_elements:
+        raise PayloadError(f"declared shape {declared} holds more than {max_elements} elements", field=field)
+    if str(array.dtype) not in dtypes:
+        raise PayloadError(f"dtype is {str(array.dtype)[:20]!r}, expected {' or '.join(dtypes)}", field=field)
+    data = array.data
+    if not isinstance(data, bytes):
+        raise PayloadError(f"data is {type(data).__name__}, not bytes", field=field)
+    itemsize = max(np.dtype(d).itemsize for d in dtypes)
+    if len(data) > max_elements * itemsize + NPY_HEADER_MAX:
+        raise PayloadError(f"{len(data)} bytes is more than {max_elements} elements can take", field=field)
+    try:  # read the .npy header first: its shape, not the declared one, decides what np.load allocates
+        stream = io.BytesIO(data)
+        version = np.lib.format.read_magic(stream)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        header_shape, _, header_dtype = reader(stream)
+    except Exception as e:  # whatever numpy raises on bytes that are not a valid .npy array
+        raise PayloadError(f"bytes are not a valid .npy array ({type(e).__name__})", field=field) from None
+    if tuple(header_shape) != declared or header_dtype.name not in dtypes:
+        raise PayloadError(f"bytes hold {header_dtype.name[:20]!r} {tuple(header_shape)[:8]}, not the declared "
+                           f"{str(array.dtype)[:20]!r} {declared}", field=field)
+    try:
+        decoded = array.numpy()
+    except Exception as e:  # whatever numpy raises on bytes that are not a valid .npy array
+        raise PayloadError(f"bytes are not a valid .npy array ({type(e).__name__})", field=field) from None
+    if not isinstance(decoded, np.ndarray):
+        raise PayloadError(f"decodes to {type(decoded).__name__}, not an array", field=field)
+    if decoded.dtype.name not in dtypes:
+        raise PayloadError(f"decoded dtype is {decoded.dtype}, expected {' or '.join(dtypes)}", field=field)
+    if decoded.shape != declared:
+        raise PayloadError(f"decoded shape {decoded.shape} differs from the declared {declared}", field=field)
+    return decoded
+
+
+# --------------------------------------------------------------------------- query
 
 
 def make_query_content(query: Query) -> RecordDict:
@@ -69,115 +218,141 @@ def make_query_content(query: Query) -> RecordDict:
     return RecordDict({"query": config, "indices": indices})
 
 
-def parse_query(content: RecordDict, *, proxy_size: int, proxy_hash: str, max_indices: int) -> Query:
-    """Check a query against this hospital's proxy manifest and limits.
+def parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
+    """Check a query against this hospital's proxy manifest (the contract; policy limits are checked apart).
 
     Raises
     ------
     PayloadError
-        Naming the first problem: missing record/key, proxy manifest mismatch,
-        index out of range, duplicate indices, too many indices, temperature <= 0,
-        unknown output kind or dtype.
+        Naming the field: a missing or extra record or key, a wrong type, a
+        proxy manifest mismatch, indices that are not a 1-D integer array,
+        out of range, duplicated or empty, a temperature that is not a
+        finite number > 0, an unknown output kind or dtype.
     """
-    if "query" not in content.config_records or "indices" not in content.array_records:
-        raise PayloadError("query must hold ConfigRecord 'query' and ArrayRecord 'indices'")
+    try:
+        return _parse_query(content, proxy_size=proxy_size, proxy_hash=proxy_hash)
+    except PayloadError:
+        raise
+    except Exception as e:  # a shape of input no check above foresaw: still the peer's fault, still named
+        raise PayloadError(f"malformed query ({type(e).__name__})", field="content") from None
+
+
+def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
+    check_records(content, arrays={"indices"}, metrics=set(), configs={"query"})
     cfg = content.config_records["query"]
-    missing = [k for k in ("round", "proxy_hash", "temperature", "output", "dtype") if k not in cfg]
-    if missing:
-        raise PayloadError(f"query lacks key(s) {', '.join(missing)}")
-    if cfg["proxy_hash"] != proxy_hash:
+    check_keys(cfg, field="query", required={"round", "proxy_hash", "temperature", "output", "dtype"})
+    round_ = as_integer(cfg["round"], field="query.round", low=0, high=MAX_ROUND)
+    server_hash = as_text(cfg["proxy_hash"], field="query.proxy_hash", max_len=128)
+    if server_hash != proxy_hash:
         raise PayloadError(
-            f"proxy manifest mismatch: server has {str(cfg['proxy_hash'])[:12]}..., "
-            f"this hospital has {proxy_hash[:12]}... (different data set, proxy fraction or seed)"
-        )
-    temperature = cfg["temperature"]
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
-        raise PayloadError(f"temperature must be a finite number > 0, got {temperature!r}")
-    try:
-        output = OutputKind(cfg["output"])
-    except ValueError:
-        raise PayloadError(f"output must be one of {[o.value for o in OutputKind]}, got {cfg['output']!r}") from None
-    try:
-        dtype = WireDtype(cfg["dtype"])
-    except ValueError:
-        raise PayloadError(f"dtype must be one of {[d.value for d in WireDtype]}, got {cfg['dtype']!r}") from None
+            f"proxy manifest mismatch: server has {server_hash[:12]}..., this hospital has {proxy_hash[:12]}... "
+            "(different data set, proxy fraction or seed)", field="query.proxy_hash")
+    temperature = as_number(cfg["temperature"], field="query.temperature")
+    if temperature <= 0:
+        raise PayloadError(f"must be a finite number > 0, got {temperature!r}", field="query.temperature")
+    output = as_choice(cfg["output"], OutputKind, field="query.output")
+    dtype = as_choice(cfg["dtype"], WireDtype, field="query.dtype")
     arrays = content.array_records["indices"]
-    if "indices" not in arrays:
-        raise PayloadError("ArrayRecord 'indices' lacks array 'indices'")
-    indices = arrays["indices"].numpy()
-    if indices.ndim != 1 or indices.dtype.kind not in "iu":
-        raise PayloadError(f"indices must be a 1-D integer array, got {indices.dtype} of shape {indices.shape}")
+    check_keys(arrays, field="indices", required={"indices"})
+    indices = decode_array(arrays["indices"], field="indices", dtypes=("int64", "int32", "uint32", "int16", "uint16"),
+                           ndim=1, max_elements=proxy_size)
     if indices.size == 0:
-        raise PayloadError("indices is empty")
-    if indices.size > max_indices:
-        raise PayloadError(f"query asks for {indices.size} samples, more than the limit {max_indices}")
+        raise PayloadError("is empty", field="indices")
     if indices.min() < 0 or indices.max() >= proxy_size:
-        raise PayloadError(
-            f"indices out of range: proxy set has {proxy_size} samples, got min {indices.min()} max {indices.max()}"
-        )
+        raise PayloadError(f"out of range: proxy set has {proxy_size} samples, got min {indices.min()} "
+                           f"max {indices.max()}", field="indices")
     if np.unique(indices).size != indices.size:
-        raise PayloadError("indices contain duplicates")
-    return Query(round=int(cfg["round"]), proxy_hash=str(cfg["proxy_hash"]), indices=indices.astype(np.int64),
-                 temperature=float(temperature), output=output, dtype=dtype)
+        raise PayloadError("contain duplicates", field="indices")
+    return Query(round=round_, proxy_hash=server_hash, indices=indices.astype(np.int64), temperature=temperature,
+                 output=output, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- reply
 
 
 def make_reply_content(*, outputs: np.ndarray, dtype: WireDtype, hospital: str, model: str, privacy: str,
                        num_private: int, val_auc: float) -> RecordDict:
-    """Pack teacher outputs (N, C) in the wire dtype with the hospital's metrics."""
+    """Pack teacher outputs (N, C) in the wire dtype with the hospital's metrics (NaN AUC sent as -1)."""
     wire = np.ascontiguousarray(outputs, dtype=_WIRE_DTYPES[dtype])
+    auc = float(val_auc) if math.isfinite(val_auc) else UNDEFINED_AUC
     return RecordDict({
         "outputs": ArrayRecord({"outputs": Array(wire)}),
-        "metrics": MetricRecord({"num_private": int(num_private), "val_auc": float(val_auc)}),
+        "metrics": MetricRecord({"num_private": int(num_private), "val_auc": auc}),
         "hospital": ConfigRecord({"name": hospital, "model": model, "privacy": privacy}),
     })
 
 
-def parse_reply(content: RecordDict, *, n_samples: int, n_classes: int, output: OutputKind, dtype: WireDtype,
-                simplex_tolerance: float) -> Reply:
-    """Validate a hospital's reply: shape, dtype, finite values, simplex for probabilities.
+def parse_reply(content: Any, *, n_samples: int, n_classes: int, output: OutputKind, dtype: WireDtype,
+                simplex_tolerance: float, hospital: str | None = None) -> Reply:
+    """Validate a hospital's reply: records, keys, types, the decoded outputs, finite values, simplex.
+
+    ``hospital`` is who the coordinator knows the sender to be (by node);
+    it is named in every error.
 
     Raises
     ------
     PayloadError
-        Naming what is wrong (e.g. "outputs contain NaN").
+        Naming the hospital and the field (e.g. "hospital H3: outputs: contain NaN").
     """
-    if "outputs" not in content.array_records or "outputs" not in content.array_records["outputs"]:
-        raise PayloadError("reply lacks ArrayRecord 'outputs'")
-    extra = sorted(set(content.array_records) - {"outputs"})
-    if extra:
-        raise PayloadError(f"reply carries unexpected arrays {extra}; only 'outputs' may leave a hospital")
-    array = content.array_records["outputs"]["outputs"]
-    if len(content.array_records["outputs"]) != 1:
-        raise PayloadError("ArrayRecord 'outputs' must hold exactly one array")
-    expected_dtype = np.dtype(_WIRE_DTYPES[dtype]).name
-    if array.dtype != expected_dtype:
-        raise PayloadError(f"outputs dtype is {array.dtype}, expected {expected_dtype}")
-    if tuple(array.shape) != (n_samples, n_classes):
-        raise PayloadError(f"outputs shape is {tuple(array.shape)}, expected {(n_samples, n_classes)}")
-    values = array.numpy().astype(np.float32)
+    try:
+        return _parse_reply(content, n_samples=n_samples, n_classes=n_classes, output=output, dtype=dtype,
+                            simplex_tolerance=simplex_tolerance)
+    except PayloadError as e:
+        raise (e.naming(hospital) if hospital else e) from None
+    except Exception as e:  # a shape of input no check above foresaw: still the sender's fault, still named
+        raise PayloadError(f"malformed reply ({type(e).__name__})", field="content", hospital=hospital) from None
+
+
+def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: OutputKind, dtype: WireDtype,
+                 simplex_tolerance: float) -> Reply:
+    check_records(content, arrays={"outputs"}, metrics={"metrics"}, configs={"hospital"})
+    arrays = content.array_records["outputs"]
+    check_keys(arrays, field="outputs", required={"outputs"})
+    wire = np.dtype(_WIRE_DTYPES[dtype]).name
+    values = decode_array(arrays["outputs"], field="outputs", dtypes=(wire,), ndim=2,
+                          max_elements=max(1, n_samples * n_classes))
+    if values.shape != (n_samples, n_classes):
+        raise PayloadError(f"shape is {values.shape}, expected {(n_samples, n_classes)}", field="outputs")
+    values = values.astype(np.float32)
     if np.isnan(values).any():
-        raise PayloadError("outputs contain NaN")
+        raise PayloadError("contain NaN", field="outputs")
     if not np.isfinite(values).all():
-        raise PayloadError("outputs contain infinite values")
+        raise PayloadError("contain infinite values", field="outputs")
     if output == OutputKind.PROBS:
         if (values < 0).any():
-            raise PayloadError(f"probabilities are negative (min {values.min():.4g})")
+            raise PayloadError(f"probabilities are negative (min {values.min():.4g})", field="outputs")
         worst = float(np.abs(values.sum(axis=1) - 1.0).max()) if n_samples else 0.0
         if worst > simplex_tolerance:
             raise PayloadError(f"probability rows do not sum to 1 (off by up to {worst:.4g}, tolerance "
-                               f"{simplex_tolerance})")
+                               f"{simplex_tolerance})", field="outputs")
         values = values / values.sum(axis=1, keepdims=True)  # undo float16 rounding
-    metrics = content.metric_records.get("metrics")
-    if metrics is None or "num_private" not in metrics or "val_auc" not in metrics:
-        raise PayloadError("reply lacks MetricRecord 'metrics' with num_private and val_auc")
-    num_private = metrics["num_private"]
-    if not isinstance(num_private, (int, float)) or num_private < 0:
-        raise PayloadError(f"num_private must be >= 0, got {num_private!r}")
-    info = content.config_records.get("hospital")
-    if info is None or "name" not in info:
-        raise PayloadError("reply lacks ConfigRecord 'hospital' with its name")
-    return Reply(hospital=str(info["name"]), model=str(info.get("model", "?")), privacy=str(info.get("privacy", "?")),
-                 outputs=values, num_private=int(num_private), val_auc=float(metrics["val_auc"]))
+    metrics = content.metric_records["metrics"]
+    check_keys(metrics, field="metrics", required={"num_private", "val_auc"})
+    num_private = as_integer(metrics["num_private"], field="metrics.num_private", low=0, high=MAX_PRIVATE)
+    val_auc = as_number(metrics["val_auc"], field="metrics.val_auc")
+    if not (0.0 <= val_auc <= 1.0 or val_auc == UNDEFINED_AUC):
+        raise PayloadError(f"must be in [0, 1] (or -1: undefined), got {val_auc}", field="metrics.val_auc")
+    info = content.config_records["hospital"]
+    check_keys(info, field="hospital", required={"name", "model", "privacy"})
+    name = as_text(info["name"], field="hospital.name", max_len=64, pattern=NAME_PATTERN)
+    model = as_text(info["model"], field="hospital.model", max_len=64)
+    privacy = as_text(info["privacy"], field="hospital.privacy")
+    return Reply(hospital=name, model=model, privacy=privacy, outputs=values, num_private=num_private,
+                 val_auc=val_auc)
+
+
+def wire_bytes(message: Message) -> bytes:
+    """The bytes of ``message``'s content (or error) as serialised for the wire (deterministic protobuf).
+
+    The hospital's gate hashes these bytes before a reply leaves and the
+    coordinator hashes the same bytes of what it received, so the two logs
+    can be compared entry by entry.
+    """
+    from flwr.common.serde import error_to_proto, recorddict_to_proto
+
+    if message.has_error():
+        return error_to_proto(message.error).SerializeToString(deterministic=True)
+    return recorddict_to_proto(message.content).SerializeToString(deterministic=True)
 
 
 def payload_bytes(content: RecordDict) -> int:

@@ -36,7 +36,8 @@ from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.collect import collect_replies
 from server.distill import distill_student
 from server.evaluate import evaluate_on_test, test_tensors, write_metrics
-from server.metering import MeteredGrid
+from server.identity import node_identities
+from server.metering import MeteredGrid, by_name
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,7 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         query = Query(round=rnd, proxy_hash=split.proxy_hash, indices=indices, temperature=cfg.distill.temperature,
                       output=cfg.query.output, dtype=cfg.query.dtype)
         nodes = sorted(grid.get_node_ids()) or nodes
+        names = node_identities(grid)  # identity by node, never by what a reply writes
         logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
                     len(indices), " (hospitals train their teachers on first use)" if rnd == 1 else "")
         content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
@@ -122,7 +124,7 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
                     for node in nodes]
         replies = metered.send_and_receive(messages, timeout=cfg.federation.reply_timeout_s)
         traffic = metered.take()
-        result = collect_replies(replies, expected={n: metered.name_of(n) for n in nodes}, round=rnd,
+        result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
                                  n_samples=len(indices), n_classes=n_classes, query=cfg.query)
         loss = None
         if len(result.accepted) >= quorum:
@@ -145,8 +147,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         state.round, state.cursor, state.seconds = rnd, cursor, state.seconds + seconds
         state.history.append({
             "round": rnd, "test_auc": evaluation.auc, "test_acc": evaluation.acc,
-            "bytes_up": metered.by_name(traffic.bytes_up), "bytes_down": metered.by_name(traffic.bytes_down),
-            "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
+            "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
+            "reply_sha256": by_name(traffic.reply_sha256, names), "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
             "rejected": result.rejected, "seconds": seconds, "distill_loss": loss,
             "proxy_samples_labelled": int(state.bank_indices.numel()),
         })

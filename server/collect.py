@@ -1,7 +1,10 @@
 """Sorting one round's replies into accepted and rejected, with a logged reason for each rejection.
 
 A bad reply from one hospital never stops the round: it is rejected here,
-and the round goes on with the rest if a quorum remains.
+and the round goes on with the rest if a quorum remains. Senders are known
+by node ID (``expected``: node -> hospital name, from
+:mod:`server.identity`); a reply whose self-written name differs from its
+node's identity is rejected as an impostor, whichever reply arrives first.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from common.payload import Reply, parse_reply
 
 logger = logging.getLogger(__name__)
 
+MAX_REASON = 300
+
 
 @dataclass
 class RoundReplies:
@@ -27,39 +32,59 @@ class RoundReplies:
     rejected: dict[str, str] = field(default_factory=dict)  # hospital -> reason
 
 
+def _printable(text: str) -> str:
+    clean = "".join(ch if ch.isprintable() else "?" for ch in text)
+    return clean if len(clean) <= MAX_REASON else clean[: MAX_REASON - 3] + "..."
+
+
+def judge_reply(reply: Message, *, who: str, n_samples: int, n_classes: int, query: QueryConfig) -> Reply:
+    """Validate one reply from the node known as ``who``.
+
+    Raises
+    ------
+    PayloadError
+        For an error reply, a malformed payload, or a claimed name that is not ``who``.
+    """
+    if reply.has_error():
+        raise PayloadError(f"error {int(reply.error.code)}: {_printable(str(reply.error.reason))}")
+    parsed = parse_reply(reply.content, n_samples=n_samples, n_classes=n_classes, output=query.output,
+                         dtype=query.dtype, simplex_tolerance=query.simplex_tolerance, hospital=who)
+    if parsed.hospital != who:
+        raise PayloadError(f"claims to be {parsed.hospital!r}, but its node is {who}", field="hospital.name",
+                           hospital=who)
+    return parsed
+
+
 def collect_replies(replies: Iterable[Message], *, expected: Mapping[int, str], round: int, n_samples: int,
                     n_classes: int, query: QueryConfig) -> RoundReplies:
-    """Validate each reply; reject (and log) errors, malformed payloads, duplicates and missing replies.
+    """Validate each reply; reject (and log) errors, malformed payloads, impostors, duplicates and missing replies.
 
     Parameters
     ----------
     replies: the messages returned by ``grid.send_and_receive``.
-    expected: node id -> hospital name (or ``node <id>``) for every node queried.
+    expected: node id -> hospital name for every node queried (identity by node, never by reply content).
     """
     out = RoundReplies()
     seen_nodes: set[int] = set()
-    seen_names: set[str] = set()
     total = len(expected)
     for reply in replies:
-        node = reply.metadata.src_node_id
-        who = expected.get(node, f"node {node}")
-        if node not in expected:
-            out.rejected[who] = "reply from a node that was not queried"
-        elif node in seen_nodes:
-            out.rejected[f"{who} (duplicate)"] = "second reply from the same node"
-        elif reply.has_error():
-            out.rejected[who] = f"error {reply.error.code}: {reply.error.reason}"
-        else:
-            try:
-                parsed = parse_reply(reply.content, n_samples=n_samples, n_classes=n_classes, output=query.output,
-                                     dtype=query.dtype, simplex_tolerance=query.simplex_tolerance)
-                if parsed.hospital in seen_names:
-                    raise PayloadError(f"hospital name {parsed.hospital!r} already answered this round")
-            except PayloadError as e:
-                out.rejected[who] = str(e)
+        node = -1
+        who = "unknown sender"
+        try:
+            node = int(reply.metadata.src_node_id)
+            who = expected.get(node, f"node {node}")
+            if node not in expected:
+                out.rejected[who] = "reply from a node that was not queried"
+            elif node in seen_nodes:
+                out.rejected[f"{who} (duplicate)"] = "second reply from the same node"
             else:
-                seen_names.add(parsed.hospital)
-                out.accepted.append(parsed)
+                out.accepted.append(judge_reply(reply, who=who, n_samples=n_samples, n_classes=n_classes,
+                                                query=query))
+        except PayloadError as e:
+            out.rejected[who] = _printable(e.reason)
+        except Exception as e:  # never let one reply stop the round
+            logger.exception("unexpected failure while checking a reply from %s (round %d)", who, round)
+            out.rejected[who] = f"malformed reply ({type(e).__name__})"
         seen_nodes.add(node)
     for node, who in expected.items():
         if node not in seen_nodes:

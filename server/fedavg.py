@@ -2,31 +2,100 @@
 
 It runs on the same :class:`~server.metering.MeteredGrid` as FedKD, so its
 uplink bytes (whole model weights every round) are counted the same way.
-Only the baseline sends weights; hospitals refuse ``train`` messages unless
-the experiment's method is ``fedavg``.
+Only hospitals whose policy opted in (``answers.fedavg_weights``) send
+weights; the others refuse with an error reply. :class:`CheckedFedAvg`
+validates every reply before Flower aggregates it (the names, shapes and
+dtypes of the student's weights, finite values, the example count), so a
+bad reply is rejected and logged and never reaches the average.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import ExperimentConfig
+from common.errors import PayloadError
 from common.models import build_model
+from common.payload import as_integer, check_keys, check_records, decode_array
 from common.split import make_split
 from server.app import wait_for_nodes
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.evaluate import evaluate_on_test, test_tensors, write_metrics
-from server.metering import MeteredGrid
+from server.identity import node_identities
+from server.metering import MeteredGrid, by_name
 
 logger = logging.getLogger(__name__)
+
+
+def check_weights_reply(content: Any, *, reference: dict[str, np.ndarray]) -> None:
+    """A FedAvg reply holds exactly the student's weights (names, dtypes, shapes; finite) and an example count.
+
+    Raises
+    ------
+    PayloadError
+        Naming the field that is wrong.
+    """
+    try:
+        check_records(content, arrays={"arrays"}, metrics={"metrics"}, configs={"hospital"})
+        arrays = content.array_records["arrays"]
+        check_keys(arrays, field="arrays", required=set(reference))
+        for name, ref in reference.items():
+            value = decode_array(arrays[name], field=f"arrays.{name}", dtypes=(ref.dtype.name,), ndim=ref.ndim,
+                                 max_elements=max(1, ref.size))
+            if value.shape != ref.shape:
+                raise PayloadError(f"shape {value.shape}, expected {ref.shape}", field=f"arrays.{name}")
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise PayloadError("contains non-finite values", field=f"arrays.{name}")
+        metrics = content.metric_records["metrics"]
+        check_keys(metrics, field="metrics", required={"num-examples", "train_loss"})
+        as_integer(metrics["num-examples"], field="metrics.num-examples", low=1, high=10**9)
+    except PayloadError:
+        raise
+    except Exception as e:
+        raise PayloadError(f"malformed reply ({type(e).__name__})", field="content") from None
+
+
+class CheckedFedAvg(FedAvg):
+    """Flower's FedAvg, rejecting (and logging) every reply that does not hold the student's weights."""
+
+    def __init__(self, *, reference: dict[str, np.ndarray], names: dict[int, str], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._reference = reference
+        self._names = names
+        self.rejected: dict[str, str] = {}
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None,
+                                                                                     MetricRecord | None]:
+        good: list[Message] = []
+        for reply in replies:
+            who = self._names.get(int(reply.metadata.src_node_id), f"node {reply.metadata.src_node_id}")
+            if reply.has_error():
+                reason = f"error {int(reply.error.code)}: {str(reply.error.reason)[:300]}"
+            else:
+                try:
+                    check_weights_reply(reply.content, reference=self._reference)
+                except PayloadError as e:
+                    reason = e.reason
+                else:
+                    good.append(reply)
+                    continue
+            self.rejected[who] = reason
+            logger.warning("hospital %s reply rejected: %s (round %d); continuing with the others", who, reason,
+                           server_round)
+        if not good:
+            logger.warning("round %d: no valid FedAvg replies; the student is not updated", server_round)
+            return None, None
+        return super().aggregate_train(server_round, good)
 
 
 def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
@@ -45,8 +114,13 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
         return state.history[-1] if state.history else {}
     nodes = wait_for_nodes(grid, wanted=cfg.federation.hospitals, quorum=cfg.quorum(),
                            timeout_s=cfg.federation.wait_for_nodes_s)
+    names = node_identities(grid)
     metered = MeteredGrid(grid)
     clock = {"start": time.perf_counter()}
+    reference = {k: v.detach().cpu().numpy() for k, v in student.state_dict().items()}
+    k = len(nodes)
+    strategy = CheckedFedAvg(reference=reference, names=names, fraction_train=1.0, fraction_evaluate=0.0,
+                             min_train_nodes=k, min_available_nodes=k, min_evaluate_nodes=0)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
@@ -55,29 +129,28 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
         student.load_state_dict(arrays.to_torch_state_dict())
         evaluation = evaluate_on_test(student, test)
         traffic = metered.take()
+        rejected, strategy.rejected = strategy.rejected, {}
         seconds = time.perf_counter() - clock["start"]
         clock["start"] = time.perf_counter()
         state.round, state.seconds = rnd, state.seconds + seconds
         state.history.append({
             "round": rnd, "test_auc": evaluation.auc, "test_acc": evaluation.acc,
-            "bytes_up": metered.by_name(traffic.bytes_up), "bytes_down": metered.by_name(traffic.bytes_down),
-            "replies_ok": traffic.replies_with_content, "replies_rejected": traffic.replies_with_error,
-            "seconds": seconds,
+            "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
+            "reply_sha256": by_name(traffic.reply_sha256, names),
+            "replies_ok": traffic.replies_with_content + traffic.replies_with_error - len(rejected),
+            "replies_rejected": len(rejected), "rejected": rejected, "seconds": seconds,
         })
         final.update({"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value,
                       "seconds": state.seconds, "per_class_auc": evaluation.per_class_auc,
                       "per_class_acc": evaluation.per_class_acc})
         save_checkpoint(out_dir, cfg=cfg, student=student, optimizer=None, state=state)
         write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final if rnd == cfg.rounds else None)
-        logger.info("round %d/%d: test AUC %.4f acc %.4f | %d replies ok | %.1f s", rnd, cfg.rounds,
-                    evaluation.auc, evaluation.acc, traffic.replies_with_content, seconds)
+        logger.info("round %d/%d: test AUC %.4f acc %.4f | %d/%d replies ok | %.1f s", rnd, cfg.rounds,
+                    evaluation.auc, evaluation.acc, state.history[-1]["replies_ok"], k, seconds)
         return MetricRecord({"test_auc": evaluation.auc, "test_acc": evaluation.acc})
 
-    k = len(nodes)
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=k, min_available_nodes=k,
-                      min_evaluate_nodes=0)
+    train_config = ConfigRecord({"lr": cfg.fedavg.lr, "local-epochs": cfg.fedavg.local_epochs,
+                                 "batch-size": cfg.fedavg.batch_size, "student-model": cfg.student.model})
     strategy.start(grid=metered, initial_arrays=ArrayRecord(student.state_dict()), num_rounds=remaining,
-                   timeout=cfg.federation.reply_timeout_s,
-                   train_config=ConfigRecord({"lr": cfg.fedavg.lr, "local-epochs": cfg.fedavg.local_epochs}),
-                   evaluate_fn=evaluate_fn)
+                   timeout=cfg.federation.reply_timeout_s, train_config=train_config, evaluate_fn=evaluate_fn)
     return final

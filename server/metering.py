@@ -1,40 +1,47 @@
-"""Byte metering of the messages a ServerApp exchanges, identical for every method.
+"""Byte metering and reply fingerprints of the messages a ServerApp exchanges, keyed by node.
 
 :class:`MeteredGrid` wraps Flower's ``Grid``: every message sent and every
-reply received through ``send_and_receive`` is measured as Flower serialises
-its content (protobuf), per node. FedKD and the FedAvg baseline both run on
-it, so their uplink figures are counted the same way.
+reply received through ``send_and_receive`` is measured as Flower
+serialises its content (protobuf), per node ID, and each reply's SHA-256
+over the same deterministic wire bytes that the hospital's gate logged
+before it left (:func:`common.payload.wire_bytes`). FedKD and the FedAvg
+baseline both run on it, so their figures are counted the same way. Names
+come from :mod:`server.identity`, never from what a reply writes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from common.payload import payload_bytes
+from common.payload import payload_bytes, wire_bytes
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class Traffic:
-    """Bytes and reply counts since the last :meth:`MeteredGrid.take`."""
+    """Bytes, reply counts and reply fingerprints since the last :meth:`MeteredGrid.take`."""
 
     bytes_down: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     bytes_up: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    reply_sha256: dict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     replies_with_content: int = 0
     replies_with_error: int = 0
 
 
 class MeteredGrid:
-    """A ``Grid`` that measures payload bytes per node; everything else is forwarded."""
+    """A ``Grid`` that measures payload bytes and fingerprints replies per node; everything else is forwarded."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self._traffic = Traffic()
-        self.node_names: dict[int, str] = {}
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
@@ -46,26 +53,26 @@ class MeteredGrid:
                 self._traffic.bytes_down[msg.metadata.dst_node_id] += payload_bytes(msg.content)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
-            node = reply.metadata.src_node_id
+            try:
+                node = int(reply.metadata.src_node_id)
+                wire = wire_bytes(reply)
+            except Exception as e:  # metering must never stop a round; collect() rejects the reply
+                logger.warning("could not meter a reply (%s)", type(e).__name__)
+                continue
+            self._traffic.reply_sha256[node].append(hashlib.sha256(wire).hexdigest())
+            self._traffic.bytes_up[node] += len(wire)  # error replies are bytes that came up too
             if reply.has_content():
-                self._traffic.bytes_up[node] += payload_bytes(reply.content)
                 self._traffic.replies_with_content += 1
-                info = reply.content.config_records.get("hospital")
-                if info is not None and "name" in info:
-                    self.node_names.setdefault(node, str(info["name"]))
             else:
                 self._traffic.replies_with_error += 1
         return replies
-
-    def name_of(self, node_id: int) -> str:
-        """Hospital name of ``node_id`` once it has replied, else ``node <id>``."""
-        return self.node_names.get(node_id, f"node {node_id}")
 
     def take(self) -> Traffic:
         """Return the traffic counted so far and start counting afresh."""
         traffic, self._traffic = self._traffic, Traffic()
         return traffic
 
-    def by_name(self, counts: dict[int, int]) -> dict[str, int]:
-        """Per-node counts keyed by hospital name, sorted by name."""
-        return dict(sorted((self.name_of(node), int(b)) for node, b in counts.items()))
+
+def by_name(counts: Mapping[int, object], names: Mapping[int, str]) -> dict[str, object]:
+    """Per-node values keyed by hospital name (``node <id>`` for an unknown node), sorted by name."""
+    return dict(sorted((names.get(node, f"node {node}"), value) for node, value in counts.items()))

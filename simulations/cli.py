@@ -1,6 +1,7 @@
 """The ``medkd`` command line.
 
 ``medkd simulate [--config FILE] [--method M] [--set k=v ...] [--out DIR]``
+``medkd policies [--config FILE] [--set k=v ...] --hospitals-dir DIR``
 
 Exit codes: 0 success, 2 invalid config or arguments, 1 any other medkd error.
 """
@@ -36,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="hospital folders (teacher, outbound log); default <out>/hospitals")
     sim.add_argument("--fresh", action="store_true", help="delete the checkpoint in --out and start over")
     sim.add_argument("-v", "--verbose", action="store_true", help="debug logging (also Flower's)")
+    pol = sub.add_parser("policies", help="write one hospital policy per simulated hospital (for `flwr run .`)")
+    pol.add_argument("--config", type=Path, default=None, help="experiment YAML the policies are derived from")
+    pol.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                     help="override config keys, as for simulate")
+    pol.add_argument("--hospitals-dir", type=Path, required=True,
+                     help="where H<i>/policy.yaml are written; point $MEDKD_HOSPITALS here for `flwr run .`")
     return parser
 
 
@@ -117,11 +124,23 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policies(args: argparse.Namespace) -> int:
+    from simulations.run import prepare_hospitals
+
+    cfg = load_config(args.config, overrides=parse_overrides(args.overrides))
+    _setup_logging(False)
+    prepare_hospitals(cfg, args.hospitals_dir)
+    logger.info("simulated hospitals under `flwr run .` read these when MEDKD_HOSPITALS=%s", args.hospitals_dir)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
+        if args.command == "policies":
+            return cmd_policies(args)
     except ConfigError as e:
         print(str(e), file=sys.stderr)
         return 2

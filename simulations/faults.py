@@ -4,7 +4,9 @@ A researcher marks hospitals as faulty to watch the server's validation
 reject their replies (``nan``, ``shape``, ``negative``) or to compare robust
 aggregators against a hospital whose replies are valid but wrong
 (``uniform``: no information; ``flip``: class order reversed, a confident
-wrong teacher). Only ``medkd simulate`` installs this mod.
+wrong teacher), or whose ClientApp fails (``crash``: the handler raises, so the
+hospital's gate sends an error reply). Only ``medkd simulate`` installs this
+mod; it runs inside the hospital's gate, so what it sends is what the gate logs.
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ def make_fault_mod(faults: dict[str, str]) -> Callable[[Message, Context, Callab
     """A client mod corrupting the ``outputs`` of hospitals listed in ``faults`` (index -> fault)."""
 
     def fault_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
-        reply = call_next(msg, context)
         fault = faults.get(str(context.node_config.get("partition-id")))
+        if fault == "crash":
+            raise RuntimeError("injected crash (simulation fault 'crash')")
+        reply = call_next(msg, context)
         if fault is None or not reply.has_content() or "outputs" not in reply.content.array_records:
             return reply
         outputs = reply.content.array_records["outputs"]["outputs"].numpy()

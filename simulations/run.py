@@ -36,9 +36,24 @@ def run_flower_simulation(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: P
     from simulations.faults import make_fault_mod
 
     mods = [make_fault_mod(dict(cfg.federation.faults))] if cfg.federation.faults else None
-    client_app = make_client_app(cfg, hospitals_dir, query_mods=mods)
+    client_app = make_client_app(hospitals_dir, query_mods=mods)
     run_simulation(server_app=make_server_app(cfg, out_dir), client_app=client_app,
                    num_supernodes=cfg.federation.hospitals, backend_config=backend_config)
+
+
+def prepare_hospitals(cfg: ExperimentConfig, hospitals_dir: Path) -> None:
+    """Write each simulated hospital's policy into its folder and read it back (as the hospital will).
+
+    Raises
+    ------
+    PolicyError
+        If a written policy does not validate (e.g. contradictory ``policy`` rules in the experiment).
+    """
+    from common.policy import load_policy, write_policies
+
+    for path in write_policies(cfg, hospitals_dir):
+        load_policy(path)
+    logger.info("wrote %d hospital policies under %s", cfg.federation.hospitals, hospitals_dir)
 
 
 def simulate(cfg: ExperimentConfig, *, out_dir: Path, hospitals_dir: Path | None = None) -> dict[str, Any]:
@@ -54,6 +69,7 @@ def simulate(cfg: ExperimentConfig, *, out_dir: Path, hospitals_dir: Path | None
     hospitals_dir = hospitals_dir or out_dir / "hospitals"
     atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
     if cfg.method in (Method.FEDKD, Method.FEDAVG):
+        prepare_hospitals(cfg, hospitals_dir)
         run_flower_simulation(cfg, out_dir, hospitals_dir)
         metrics_path = out_dir / "metrics.json"
         if not metrics_path.exists():

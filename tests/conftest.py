@@ -20,6 +20,8 @@ MEDMNIST_DIR = SHARED_DATA / "medmnist"
 def medmnist_dir() -> Path:
     """Folder holding the real MedMNIST .npz files (skips the test when absent)."""
     if not (MEDMNIST_DIR / "retinamnist.npz").exists():
+        if os.environ.get("CI", "").lower() == "true":  # in CI, missing data is a failure, not a skip
+            pytest.fail(f"real MedMNIST data not found in {MEDMNIST_DIR}; CI must run the data tests")
         pytest.skip(f"real MedMNIST data not found in {MEDMNIST_DIR} (set MEDKD_TEST_DATA to the shared data folder)")
     return MEDMNIST_DIR
 

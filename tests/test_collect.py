@@ -45,17 +45,17 @@ def _bad_cases() -> list[tuple[str, Message, str]]:
                                  model="smallcnn", privacy="none", num_private=1, val_auc=0.5)
     weights.array_records["weights"] = ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))})
     return [
-        ("nan", _reply(3, nan), "outputs contain NaN"),
-        ("shape", _reply(3, finite_probs(N - 1, C)), "outputs shape is (5, 5), expected (6, 5)"),
-        ("classes", _reply(3, finite_probs(N, C + 1)), "outputs shape is (6, 6), expected (6, 5)"),
-        ("dtype", _reply(3, finite_probs(N, C), dtype=WireDtype.FLOAT32), "outputs dtype is float32, expected float16"),
-        ("float64", Message(float64, reply_to=_request(3)), "outputs dtype is float64"),
+        ("nan", _reply(3, nan), "outputs: contain NaN"),
+        ("shape", _reply(3, finite_probs(N - 1, C)), "outputs: shape is (5, 5), expected (6, 5)"),
+        ("classes", _reply(3, finite_probs(N, C + 1)), "outputs: declared shape (6, 6) holds more than 30 elements"),
+        ("dtype", _reply(3, finite_probs(N, C), dtype=WireDtype.FLOAT32), "outputs: dtype is 'float32', expected float16"),
+        ("float64", Message(float64, reply_to=_request(3)), "outputs: dtype is 'float64'"),
         ("negative", _reply(3, negative), "probabilities are negative"),
         ("simplex", _reply(3, not_simplex), "do not sum to 1"),
-        ("extra-arrays", Message(weights, reply_to=_request(3)), "unexpected arrays ['weights']"),
+        ("extra-arrays", Message(weights, reply_to=_request(3)), "content: unexpected record(s) ['weights']"),
         ("error", Message(Error(code=100, reason="hospital H3 rejected query (round 4): boom"), reply_to=_request(3)),
          "error 100: hospital H3 rejected query (round 4): boom"),
-        ("impostor", _reply(3, finite_probs(N, C), name="H1"), "hospital name 'H1' already answered"),
+        ("impostor", _reply(3, finite_probs(N, C), name="H1"), "hospital.name: claims to be 'H1', but its node is H3"),
     ]
 
 

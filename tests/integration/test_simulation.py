@@ -40,6 +40,32 @@ def test_fedkd_three_hospitals_two_rounds(tiny_config, tmp_path: Path) -> None:
     for h in ("H0", "H1", "H2"):
         lines = (out / "hospitals" / h / "outbound.jsonl").read_text().splitlines()
         assert len(lines) == 2 and all(json.loads(x)["kind"] == "query.logits" for x in lines)
+        assert (out / "hospitals" / h / "policy.yaml").exists()
+
+
+def test_gate_logs_every_reply_with_the_hash_the_coordinator_received(tiny_config, tmp_path: Path) -> None:
+    """Errors and faults included: one log line per reply sent, each hash equal to what arrived."""
+    cfg = tiny_config(**{
+        "federation.hospitals": 4, "federation.min_replies": 1, "teacher.epochs": 2, "distill.epochs": 1,
+        "federation.faults": {"0": "nan", "1": "crash"},
+        "policy_per_hospital": {"2": {"limits": {"max_indices_per_query": 8}}},
+    })
+    out = tmp_path / "gate"
+    simulate(cfg, out_dir=out)
+    rounds = _metrics(out)["rounds"]
+    assert [sorted(r["rejected"]) for r in rounds] == [["H0", "H1", "H2"]] * 2
+    for r in rounds:
+        assert r["rejected"]["H0"] == "outputs: contain NaN"
+        assert "error 101: hospital H1 could not answer query.logits" in r["rejected"]["H1"]
+        assert "policy limits.max_indices_per_query: query asks for 64 samples, more than 8" in r["rejected"]["H2"]
+        assert "injected crash" not in r["rejected"]["H1"]  # internals stay at the hospital
+    for h in ("H0", "H1", "H2", "H3"):
+        log = [json.loads(x) for x in (out / "hospitals" / h / "outbound.jsonl").read_text().splitlines()]
+        received = [r["reply_sha256"][h] for r in rounds]
+        assert len(log) == sum(len(x) for x in received) == 2  # one line per reply the hospital sent
+        assert [[e["sha256"]] for e in log] == received  # each logged hash is of the bytes that arrived
+        assert [e["status"] for e in log] == (["sent", "sent"] if h in ("H0", "H3") else ["error", "error"])
+    assert "injected crash" in (out / "hospitals" / "H1" / "hospital.log").read_text()
 
 
 def test_faulty_hospital_is_rejected_and_rounds_go_on(tiny_config, tmp_path: Path) -> None:
@@ -49,7 +75,7 @@ def test_faulty_hospital_is_rejected_and_rounds_go_on(tiny_config, tmp_path: Pat
     doc = _metrics(out)
     for r in doc["rounds"]:
         assert r["replies_ok"] == 2 and r["replies_rejected"] == 1
-        assert r["rejected"] == {"H0": "outputs contain NaN"}
+        assert r["rejected"] == {"H0": "outputs: contain NaN"}
     assert final["test_auc"] > 0.55  # the student still learned from the two good hospitals
 
 
