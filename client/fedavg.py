@@ -8,6 +8,7 @@ safely, then loaded strictly into the named registry architecture).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
@@ -16,7 +17,7 @@ from client.teacher import teacher_seed
 from common.config import MODEL_NAMES
 from common.errors import PayloadError
 from common.models import build_model
-from common.payload import as_integer, as_number, as_text, check_keys, check_records
+from common.payload import as_integer, as_number, as_text, check_keys, check_records, decode_weights
 from common.split import local_train_val, make_split, tensors
 from common.training import run_epoch, seed_everything
 
@@ -49,11 +50,9 @@ def train_received_student(content: RecordDict, *, hospital: Hospital) -> tuple[
     cfg = hospital.cfg
     split = make_split(cfg)
     model = build_model(model_name, split.model_spec())
-    try:
-        state = content.array_records["arrays"].to_torch_state_dict()
-        model.load_state_dict(state, strict=True)
-    except Exception as e:
-        raise PayloadError(f"do not fit {model_name} ({type(e).__name__})", field="arrays") from None
+    reference = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    weights = decode_weights(content.array_records["arrays"], reference=reference, field="arrays")
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
 
     private = split.hospital(hospital.index)
     train_pos, _ = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,

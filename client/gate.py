@@ -172,7 +172,7 @@ def _kind(request: Message) -> str:
 
 
 def _round(request: Message) -> str:
-    """The round a request belongs to: its group ID (medkd's queries), else FedAvg's ``server-round``; "?" if neither."""
+    """The round of a request: its group ID (medkd's queries), else FedAvg's ``server-round``, else "?"."""
     group = str(request.metadata.group_id)
     if group.isdigit() and len(group) <= 9:
         return group

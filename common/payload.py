@@ -101,9 +101,10 @@ def check_records(content: Any, *, arrays: set[str], metrics: set[str], configs:
             raise PayloadError(f"expected a {kind.__name__}, got {type(content[name]).__name__}", field=name)
 
 
-def check_keys(record: Mapping[str, Any], *, field: str, required: set[str], optional: frozenset[str] = frozenset()) -> None:
+def check_keys(record: Mapping[str, Any], *, field: str, required: set[str]) -> None:
+    """``record`` holds exactly the keys ``required``."""
     names = {str(k) for k in record.keys()}
-    extra = sorted(names - required - optional)
+    extra = sorted(names - required)
     if extra:
         raise PayloadError(f"unexpected key(s) {_short(extra)}", field=field)
     missing = sorted(required - names)
@@ -203,6 +204,33 @@ def decode_array(array: Any, *, field: str, dtypes: tuple[str, ...], ndim: int, 
     if decoded.shape != declared:
         raise PayloadError(f"decoded shape {decoded.shape} differs from the declared {declared}", field=field)
     return decoded
+
+
+def decode_weights(record: Any, *, reference: Mapping[str, np.ndarray], field: str) -> dict[str, np.ndarray]:
+    """Decode model weights, checking every name, dtype and shape against ``reference`` before decoding.
+
+    Used at both ends of the FedAvg baseline, so that neither a hospital nor
+    the coordinator decodes an array it did not expect.
+
+    Raises
+    ------
+    PayloadError
+        Naming the weight (``arrays.<name>``) that is missing, extra, of another dtype or shape, or not finite.
+    """
+    if not isinstance(record, ArrayRecord):
+        raise PayloadError(f"expected an ArrayRecord, got {type(record).__name__}", field=field)
+    check_keys(record, field=field, required=set(reference))
+    out: dict[str, np.ndarray] = {}
+    for name, ref in reference.items():
+        key = f"{field}.{name}"
+        value = decode_array(record[name], field=key, dtypes=(ref.dtype.name,), ndim=ref.ndim,
+                             max_elements=max(1, ref.size))
+        if value.shape != ref.shape:
+            raise PayloadError(f"shape {value.shape}, expected {ref.shape}", field=key)
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise PayloadError("contains non-finite values", field=key)
+        out[name] = value
+    return out
 
 
 # --------------------------------------------------------------------------- query

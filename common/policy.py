@@ -32,7 +32,7 @@ import yaml
 
 from common.atomic import atomic_write_text
 from common.config import (MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method, PartitionName,
-                           PolicyAnswers, PolicyLimits, PolicyOutputs, PolicyRules, ProxySource, TeacherConfig)
+                           PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, TeacherConfig)
 from common.errors import PolicyError
 from common.schema import build_dataclass, documented, reference_rows, to_plain
 

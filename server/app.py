@@ -148,7 +148,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         state.history.append({
             "round": rnd, "test_auc": evaluation.auc, "test_acc": evaluation.acc,
             "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
-            "reply_sha256": by_name(traffic.reply_sha256, names), "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
+            "reply_sha256": by_name(traffic.reply_sha256, names),
+            "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
             "rejected": result.rejected, "seconds": seconds, "distill_loss": loss,
             "proxy_samples_labelled": int(state.bank_indices.numel()),
         })

@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from common.config import ExperimentConfig
 from common.errors import PayloadError
 from common.models import build_model
-from common.payload import as_integer, check_keys, check_records, decode_array
+from common.payload import as_integer, check_keys, check_records, decode_weights
 from common.split import make_split
 from server.app import wait_for_nodes
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
@@ -47,15 +47,7 @@ def check_weights_reply(content: Any, *, reference: dict[str, np.ndarray]) -> No
     """
     try:
         check_records(content, arrays={"arrays"}, metrics={"metrics"}, configs={"hospital"})
-        arrays = content.array_records["arrays"]
-        check_keys(arrays, field="arrays", required=set(reference))
-        for name, ref in reference.items():
-            value = decode_array(arrays[name], field=f"arrays.{name}", dtypes=(ref.dtype.name,), ndim=ref.ndim,
-                                 max_elements=max(1, ref.size))
-            if value.shape != ref.shape:
-                raise PayloadError(f"shape {value.shape}, expected {ref.shape}", field=f"arrays.{name}")
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise PayloadError("contains non-finite values", field=f"arrays.{name}")
+        decode_weights(content.array_records["arrays"], reference=reference, field="arrays")
         metrics = content.metric_records["metrics"]
         check_keys(metrics, field="metrics", required={"num-examples", "train_loss"})
         as_integer(metrics["num-examples"], field="metrics.num-examples", low=1, high=10**9)
@@ -68,8 +60,9 @@ def check_weights_reply(content: Any, *, reference: dict[str, np.ndarray]) -> No
 class CheckedFedAvg(FedAvg):
     """Flower's FedAvg, rejecting (and logging) every reply that does not hold the student's weights."""
 
-    def __init__(self, *, reference: dict[str, np.ndarray], names: dict[int, str], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, *, reference: dict[str, np.ndarray], names: dict[int, str], min_nodes: int) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=min_nodes,
+                         min_available_nodes=min_nodes, min_evaluate_nodes=0)
         self._reference = reference
         self._names = names
         self.rejected: dict[str, str] = {}
@@ -119,8 +112,7 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
     clock = {"start": time.perf_counter()}
     reference = {k: v.detach().cpu().numpy() for k, v in student.state_dict().items()}
     k = len(nodes)
-    strategy = CheckedFedAvg(reference=reference, names=names, fraction_train=1.0, fraction_evaluate=0.0,
-                             min_train_nodes=k, min_available_nodes=k, min_evaluate_nodes=0)
+    strategy = CheckedFedAvg(reference=reference, names=names, min_nodes=k)
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if server_round == 0:
