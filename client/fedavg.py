@@ -15,11 +15,12 @@ from flwr.app import ArrayRecord, RecordDict
 from client.hospital import Hospital
 from client.teacher import teacher_seed
 from common.config import MODEL_NAMES
+from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.errors import PayloadError
 from common.models import build_model
 from common.payload import as_integer, as_number, as_text, check_keys, check_records, decode_weights
 from common.split import local_train_val, make_split, tensors
-from common.training import run_epoch, seed_everything
+from common.training import run_epoch, seed_everything, to_model_device
 
 TRAIN_CONFIG_KEYS = {"server-round", "lr", "local-epochs", "batch-size", "student-model"}
 
@@ -53,17 +54,18 @@ def train_received_student(content: RecordDict, *, hospital: Hospital) -> tuple[
     reference = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     weights = decode_weights(content.array_records["arrays"], reference=reference, field="arrays")
     model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in weights.items()}, strict=True)
+    model = place_model(model, resolve_device(cfg.device, key="policy device"))
 
     private = split.hospital(hospital.index)
     train_pos, _ = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
                                    seed=teacher_seed(cfg, hospital.index))
     images, labels = tensors(private, spatial_dims=split.data.spatial_dims)
-    images, labels = images[train_pos], labels[train_pos]
+    images, labels = to_model_device(model, images[train_pos], labels[train_pos])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     gen = seed_everything(cfg.seed * 7919 + server_round * 101 + hospital.index)
     loss = 0.0
     for _ in range(epochs):
         loss = run_epoch(model=model, optimizer=optimizer, images=images, batch_size=batch_size, gen=gen,
-                         augment=cfg.teacher.augment,
-                         loss_fn=lambda logits, idx: torch.nn.functional.cross_entropy(logits, labels[idx]))
-    return ArrayRecord(model.state_dict()), int(labels.shape[0]), float(loss)
+                         augment=cfg.teacher.augment, amp=cfg.amp,
+                         loss_fn=lambda logits, idx: torch.nn.functional.cross_entropy(logits.float(), labels[idx]))
+    return ArrayRecord(state_dict_on_cpu(model)), int(labels.shape[0]), float(loss)

@@ -10,15 +10,17 @@ from common.config import OutputKind
 from common.training import predict_logits
 
 
-def teacher_outputs(model: nn.Module, images: torch.Tensor, *, output: OutputKind, temperature: float) -> np.ndarray:
+def teacher_outputs(model: nn.Module, images: torch.Tensor, *, output: OutputKind, temperature: float,
+                    amp: bool = False) -> np.ndarray:
     """Outputs of ``model`` on proxy images (N, C, *spatial) -> (N, n_classes) float32.
 
-    ``probs`` is softmax(logits / temperature); ``logits`` are sent raw (the
-    server applies the temperature).
+    Runs on the model's device (bf16 autocast on CUDA when ``amp``; the
+    softmax is taken in float32). ``probs`` is softmax(logits / temperature);
+    ``logits`` are sent raw (the server applies the temperature).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = predict_logits(model, images)
+    logits = predict_logits(model, images, amp=amp)
     if output == OutputKind.PROBS:
         return torch.softmax(logits / temperature, dim=1).numpy().astype(np.float32)
     return logits.numpy().astype(np.float32)

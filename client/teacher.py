@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from common.atomic import atomic_torch_save
 from common.config import ExperimentConfig, config_to_dict
+from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
 from common.split import FederatedSplit, hospital_name, local_train_val, tensors
 from common.training import train_supervised
@@ -66,7 +68,10 @@ def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: 
 
 
 def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> tuple[nn.Module, TeacherInfo]:
-    """Train hospital ``hospital``'s teacher on its private data (early stopping on a local validation split)."""
+    """Train hospital ``hospital``'s teacher on its private data (early stopping on a local validation split).
+
+    It trains on ``cfg.device`` (the hospital's policy device) and is returned there.
+    """
     name = hospital_name(hospital)
     private = split.hospital(hospital)
     train_pos, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
@@ -74,7 +79,8 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -
     images, labels = tensors(private, spatial_dims=split.data.spatial_dims)
     model_name = cfg.teacher_model(hospital)
     torch.manual_seed(teacher_seed(cfg, hospital))
-    model = build_model(model_name, split.model_spec())
+    device = resolve_device(cfg.device)
+    model = place_model(build_model(model_name, split.model_spec()), device)
     start = time.perf_counter()
     logger.info("%s: training teacher %s on %d private samples (%d for local validation)", name, model_name,
                 len(train_pos), len(val_pos))
@@ -83,7 +89,7 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -
         val_images=images[val_pos], val_labels=labels[val_pos], epochs=cfg.teacher.epochs,
         patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=teacher_seed(cfg, hospital),
-        class_weighted=cfg.teacher.class_weighted, log_prefix=f"{name} teacher ",
+        class_weighted=cfg.teacher.class_weighted, log_prefix=f"{name} teacher ", amp=cfg.amp,
     )
     info = TeacherInfo(
         hospital=name, model=model_name, num_private=int(labels.shape[0]), num_train=len(train_pos),
@@ -98,14 +104,61 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -
 
 def save_teacher(path: Path, model: nn.Module, info: TeacherInfo) -> None:
     """Write the teacher checkpoint atomically."""
-    atomic_torch_save(path, {"state_dict": model.state_dict(), "info": asdict(info)})
+    atomic_torch_save(path, {"state_dict": state_dict_on_cpu(model), "info": asdict(info)})
+
+
+class TeacherCache:
+    """The last few teachers this process loaded, keyed by checkpoint file (path, mtime, size) and device.
+
+    A process answers many queries (a SuperNode's ClientApp process, or a
+    simulation actor serving many hospitals); reading ``teacher.pt`` from disk
+    for each one costs more than answering. A changed file is a new key, so
+    a retrained teacher is never served stale. Bounded, so that a process
+    serving a thousand simulated hospitals keeps only ``capacity`` in memory.
+    """
+
+    def __init__(self, capacity: int = 32) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[str, int, int, str, str], tuple[nn.Module, TeacherInfo]] = OrderedDict()
+
+    @staticmethod
+    def key(path: Path, *, device: str, fingerprint: str) -> tuple[str, int, int, str, str] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return (str(path.resolve()), stat.st_mtime_ns, stat.st_size, device, fingerprint)
+
+    def get(self, key: tuple[str, int, int, str, str] | None) -> tuple[nn.Module, TeacherInfo] | None:
+        if key is None or key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key]
+
+    def put(self, key: tuple[str, int, int, str, str] | None, value: tuple[nn.Module, TeacherInfo]) -> None:
+        if key is None:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+_CACHE = TeacherCache()
 
 
 def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospital: int, hospital_dir: Path,
                           retrain: bool = False) -> tuple[nn.Module, TeacherInfo]:
-    """Load ``<hospital_dir>/teacher.pt`` if it matches this config, else train and save it."""
+    """Load ``<hospital_dir>/teacher.pt`` if it matches this config, else train and save it; on ``cfg.device``.
+
+    A teacher already loaded by this process (same file, same fingerprint) is served from memory.
+    """
     path = Path(hospital_dir) / TEACHER_FILE
     fingerprint = teacher_fingerprint(cfg, split, hospital)
+    key = TeacherCache.key(path, device=cfg.device, fingerprint=fingerprint)
+    cached = None if retrain else _CACHE.get(key)
+    if cached is not None:
+        return cached
     if path.exists() and not retrain:
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -116,11 +169,14 @@ def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospi
             if info.fingerprint == fingerprint:
                 model = build_model(info.model, split.model_spec())
                 model.load_state_dict(saved["state_dict"])
+                model = place_model(model, resolve_device(cfg.device))
                 model.eval()
+                _CACHE.put(key, (model, info))
                 return model, info
             logger.info("%s: teacher checkpoint %s was trained from other data or settings; retraining",
                         hospital_name(hospital), path)
     model, info = train_teacher(cfg, split, hospital)
     save_teacher(path, model, info)
     model.eval()
+    _CACHE.put(TeacherCache.key(path, device=cfg.device, fingerprint=fingerprint), (model, info))
     return model, info

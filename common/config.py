@@ -17,6 +17,7 @@ in ``README.md`` and the checks cannot drift apart.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "dump_config",
 ]
 
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # checked here; resolved by common.device
 MODEL_NAMES = ("smallcnn", "densenet121", "resnet18", "resnet34", "resnet50")
 FAULT_NAMES = ("nan", "shape", "negative", "uniform", "flip", "crash")
 
@@ -220,6 +222,9 @@ class ExperimentConfig:
     rounds: int = documented(10, ge=1, doc="federated rounds (fedkd, fedavg); centralized and local train once")
     method: Method = documented(Method.FEDKD, doc="fedkd | fedavg | centralized | local")
     aggregator: AggregatorName = documented(AggregatorName.ERA, doc="mean | weighted | era | certainty | median")
+    device: str = documented("auto", doc="where the student, evaluation and baselines run: auto (CUDA when present) "
+                             "| cpu | cuda | cuda:<i>; each hospital's policy sets its teacher's")
+    amp: bool = documented(True, doc="bf16 autocast on CUDA (ignored on the CPU, where runs stay fp32 and deterministic)")
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -320,6 +325,8 @@ def _cross_checks(cfg: ExperimentConfig, problems: list[str]) -> None:
             hint = difflib.get_close_matches(str(name), MODEL_NAMES, n=1)
             extra = f"; did you mean {hint[0]!r}?" if hint else ""
             problems.append(f"{key}: expected one of {', '.join(MODEL_NAMES)}, got {name!r}{extra}")
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        problems.append(f"device: expected auto, cpu, cuda or cuda:<index>, got {cfg.device!r}")
     if cfg.distill.ce_weight > 0 and not cfg.data.proxy_labelled:
         problems.append(
             f"distill.ce_weight: must be 0 unless data.proxy_labelled is true, got {cfg.distill.ce_weight}"

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from common.atomic import atomic_write_text
-from common.config import (MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method, PartitionName,
+from common.config import (DEVICE_PATTERN, MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method, PartitionName,
                            PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, TeacherConfig)
 from common.errors import PolicyError
 from common.schema import build_dataclass, documented, reference_rows, to_plain
@@ -76,6 +76,9 @@ class HospitalPolicy:
     folder: str | None = documented(None, doc="the hospital's folder (teacher, outbound log, local log); default "
                                     "the folder holding this policy file")
     threads: int = documented(1, ge=1, doc="CPU threads for the teacher")
+    device: str = documented("auto", doc="where the teacher trains and answers: auto (CUDA when present) | cpu | "
+                             "cuda | cuda:<i>")
+    amp: bool = documented(True, doc="bf16 autocast for the teacher on CUDA (ignored on the CPU)")
     data: PolicyData = field(default_factory=PolicyData)
     share: PolicyShare = field(default_factory=PolicyShare)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -92,6 +95,8 @@ class HospitalPolicy:
 
 
 def _cross_checks(policy: HospitalPolicy, problems: list[str]) -> None:
+    if not DEVICE_PATTERN.fullmatch(policy.device):
+        problems.append(f"device: expected auto, cpu, cuda or cuda:<index>, got {policy.device!r}")
     if not HOSPITAL_NAME.match(policy.hospital):
         problems.append(f"hospital: expected a name of letters, digits, '_', '.', '-' (at most 64), "
                         f"got {policy.hospital!r}")
@@ -177,7 +182,8 @@ def policy_from_experiment(cfg: ExperimentConfig, index: int, *, name: str) -> H
     share = PolicyShare(hospitals=cfg.federation.hospitals, index=index, partition=cfg.federation.partition,
                         alpha=cfg.federation.alpha, min_samples=cfg.federation.min_samples, seed=cfg.seed)
     teacher = replace(cfg.teacher, model=cfg.teacher_model(index), per_hospital={})
-    return HospitalPolicy(hospital=name, folder=None, threads=max(1, int(cfg.federation.client_cpus)), data=data,
+    return HospitalPolicy(hospital=name, folder=None, threads=max(1, int(cfg.federation.client_cpus)),
+                          device=cfg.device, amp=cfg.amp, data=data,
                           share=share, teacher=teacher, answers=answers, outputs=rules.outputs, limits=rules.limits)
 
 
@@ -208,7 +214,8 @@ def hospital_experiment(policy: HospitalPolicy) -> ExperimentConfig:
                       local_val_fraction=policy.data.local_val_fraction)
     federation = FederationConfig(hospitals=policy.share.hospitals, partition=policy.share.partition,
                                   alpha=policy.share.alpha, min_samples=policy.share.min_samples)
-    return ExperimentConfig(seed=policy.share.seed, data=data, federation=federation, teacher=policy.teacher)
+    return ExperimentConfig(seed=policy.share.seed, data=data, federation=federation, teacher=policy.teacher,
+                            device=policy.device, amp=policy.amp)
 
 
 def policy_reference() -> list[tuple[str, str, str]]:

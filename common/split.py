@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,9 @@ class FederatedSplit:
     hospital_indices: list[np.ndarray]
     proxy_hash: str
 
-    @property
+    @cached_property
     def proxy(self) -> ImageSplit:
+        """The public proxy set (built once per split; every query indexes into it)."""
         src = self.data.train if self.proxy_source == ProxySource.TRAIN else self.data.val
         return ImageSplit(images=src.images[self.proxy_indices], labels=src.labels[self.proxy_indices])
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.device import autocast, place_batch
 from common.metrics import EvalResult, classification_metrics
 
 logger = logging.getLogger(__name__)
@@ -32,58 +33,85 @@ def seed_everything(seed: int) -> torch.Generator:
 def augment_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random flips along each spatial axis, independently per sample.
 
-    x: (N, C, *spatial). Returns a new tensor of the same shape.
+    x: (N, C, *spatial) on any device; the draws come from the CPU generator
+    ``gen``, so a run's augmentation is the same on every device.
+    Returns a new tensor of the same shape.
     """
     out = x
     for axis in range(2, x.dim()):
-        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
         if flip.any():
             out = out.clone() if out is x else out
             out[flip] = out[flip].flip(axis)
     return out
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Logits of ``model`` in eval mode. images: (N, C, *spatial) -> (N, n_classes)."""
+def model_device(model: nn.Module) -> torch.device:
+    """The device ``model``'s parameters live on (CPU for a model without parameters)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def predict_logits(model: nn.Module, images: torch.Tensor, *, amp: bool = False,
+                   batch_size: int | None = None) -> torch.Tensor:
+    """Logits of ``model`` in eval mode, on the model's device. images: (N, C, *spatial) -> (N, n_classes) float32 CPU.
+
+    Batches of 256 on the CPU (as always), 4096 on a GPU; bf16 autocast on CUDA when ``amp``.
+    """
+    device = model_device(model)
+    batch_size = batch_size or (4096 if device.type == "cuda" else 256)
     model.eval()
-    chunks = [model(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
+    chunks = []
+    with torch.inference_mode(), autocast(device, amp=amp):
+        for i in range(0, images.shape[0], batch_size):
+            chunks.append(model(place_batch(images[i:i + batch_size], device)).float())
     if not chunks:
         return torch.empty(0, 0)
-    return torch.cat(chunks).float()
+    return torch.cat(chunks).cpu()
 
 
-def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> EvalResult:
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, amp: bool = False) -> EvalResult:
     """AUC / accuracy of ``model`` on (images (N, C, *spatial), labels (N,))."""
-    probs = torch.softmax(predict_logits(model, images), dim=1)
-    return classification_metrics(probs, labels)
+    probs = torch.softmax(predict_logits(model, images, amp=amp), dim=1)
+    return classification_metrics(probs, labels.cpu())
 
 
 def run_epoch(*, model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int,
-              gen: torch.Generator, augment: bool) -> float:
+              gen: torch.Generator, augment: bool, amp: bool = False) -> float:
     """One shuffled pass over ``images``; ``loss_fn(logits, batch_index)`` gives the loss.
 
-    Returns the mean training loss.
+    ``images`` should already be on the model's device (see :func:`to_model_device`);
+    ``batch_index`` is on that device too. The shuffling and augmentation draws come
+    from the CPU generator ``gen``. Returns the mean training loss.
     """
     model.train()
+    device = model_device(model)
     n = images.shape[0]
     order = torch.randperm(n, generator=gen)
-    total, count = 0.0, 0
+    total = torch.zeros((), device=device)
+    count = 0
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         if idx.numel() < 2 and n >= 2:
             continue  # batch norm needs two samples; the sample recurs in another epoch
-        x = images[idx]
+        idx = idx.to(images.device)
+        x = place_batch(images[idx], device)
         if augment:
             x = augment_batch(x, gen)
-        loss = loss_fn(model(x), idx)
+        with autocast(device, amp=amp):
+            loss = loss_fn(model(x), idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.detach().item() * idx.numel()
+        total += loss.detach().float() * idx.numel()
         count += idx.numel()
-    return total / max(count, 1)
+    return float(total) / max(count, 1)
+
+
+def to_model_device(model: nn.Module, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Copy whole training tensors to ``model``'s device once (MedMNIST-sized sets fit a GPU easily)."""
+    device = model_device(model)
+    return [t if t.device == device else t.to(device) for t in tensors]
 
 
 @dataclass(frozen=True)
@@ -98,27 +126,31 @@ class SupervisedResult:
 def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                      val_images: torch.Tensor, val_labels: torch.Tensor, epochs: int, patience: int,
                      batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
-                     class_weighted: bool = False, log_prefix: str = "") -> SupervisedResult:
+                     class_weighted: bool = False, log_prefix: str = "", amp: bool = False) -> SupervisedResult:
     """Cross-entropy training with early stopping on validation AUC; keeps the best weights.
 
-    With ``class_weighted``, the loss uses inverse-frequency class weights.
+    Trains on the device ``model`` is on (place it first, see
+    :func:`common.device.place_model`). With ``class_weighted``, the loss
+    uses inverse-frequency class weights.
     """
     gen = seed_everything(seed)
+    train_images, train_labels = to_model_device(model, train_images, train_labels)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     n_classes = int(max(int(train_labels.max()), int(val_labels.max())) + 1) if train_labels.numel() else 1
     weight = None
     if class_weighted:
         counts = torch.bincount(train_labels, minlength=n_classes).float()
         weight = torch.where(counts > 0, counts.sum() / (counts.clamp(min=1) * (counts > 0).sum()), 0.0)
+        weight = weight.to(train_labels.device)
     best_score, best_state, best_epoch, since_best = -math.inf, None, 0, 0
     best_val: EvalResult | None = None
     epoch = 0
     for epoch in range(1, epochs + 1):
         loss = run_epoch(
             model=model, optimizer=optimizer, images=train_images, batch_size=batch_size, gen=gen, augment=augment,
-            loss_fn=lambda logits, idx: F.cross_entropy(logits, train_labels[idx], weight=weight),
+            loss_fn=lambda logits, idx: F.cross_entropy(logits.float(), train_labels[idx], weight=weight), amp=amp,
         )
-        val = evaluate_model(model, val_images, val_labels)
+        val = evaluate_model(model, val_images, val_labels, amp=amp)
         score = val.auc if not math.isnan(val.auc) else val.acc
         logger.debug("%sepoch %d loss %.4f val auc %.4f acc %.4f", log_prefix, epoch, loss, val.auc, val.acc)
         if score > best_score:
@@ -131,5 +163,5 @@ def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labe
     if best_state is not None:
         model.load_state_dict(best_state)
     if best_val is None:
-        best_val = evaluate_model(model, val_images, val_labels)
+        best_val = evaluate_model(model, val_images, val_labels, amp=amp)
     return SupervisedResult(best_epoch=best_epoch, epochs_run=epoch, val=best_val)

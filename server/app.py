@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import ExperimentConfig, Method, OutputKind
 from common.errors import MedkdError
+from common.device import place_model, resolve_device
 from common.models import build_model
 from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content
 from common.runconfig import config_from_run_config, out_dir_from_run_config
@@ -94,7 +95,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
     proxy_images, proxy_labels = tensors(split.proxy, spatial_dims=split.data.spatial_dims)
     test = test_tensors(cfg, split)
     gen = seed_everything(cfg.seed)
-    student = build_model(cfg.student.model, spec)
+    device = resolve_device(cfg.device)
+    student = place_model(build_model(cfg.student.model, spec), device)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     state = load_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer) or ServerState()
     if state.round >= cfg.rounds and state.history:
@@ -138,11 +140,12 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
             bank_pos = state.bank_indices
             loss = distill_student(student=student, optimizer=optimizer, images=proxy_images[bank_pos],
                                    target_probs=state.bank_probs, cfg=cfg.distill, gen=gen,
-                                   labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None)
+                                   labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None,
+                                   amp=cfg.amp)
         else:
             logger.warning("round %d: %d valid replies, below the quorum of %d; the student is not updated",
                            rnd, len(result.accepted), quorum)
-        evaluation = evaluate_on_test(student, test)
+        evaluation = evaluate_on_test(student, test, amp=cfg.amp)
         seconds = time.perf_counter() - start
         state.round, state.cursor, state.seconds = rnd, cursor, state.seconds + seconds
         state.history.append({

@@ -17,6 +17,7 @@ import torch
 
 from common.atomic import atomic_torch_save
 from common.config import ExperimentConfig, config_to_dict
+from common.device import state_dict_on_cpu
 from common.errors import MedkdError
 
 logger = logging.getLogger(__name__)
@@ -38,9 +39,10 @@ class ServerState:
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the resolved config, excluding ``rounds`` (a resumed run may be extended)."""
+    """SHA-256 of the resolved config, excluding ``rounds`` (a resumed run may be extended) and where it runs."""
     d = config_to_dict(cfg)
-    d.pop("rounds")
+    for key in ("rounds", "device", "amp"):
+        d.pop(key)
     return hashlib.sha256(repr(sorted(d.items())).encode()).hexdigest()
 
 
@@ -49,13 +51,13 @@ def save_checkpoint(out_dir: Path, *, cfg: ExperimentConfig, student: torch.nn.M
     """Write ``checkpoint.pt`` and ``student.pt`` atomically."""
     payload = {
         "config_hash": config_hash(cfg),
-        "student": student.state_dict(),
+        "student": state_dict_on_cpu(student),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "state": {"round": state.round, "cursor": state.cursor, "bank_indices": state.bank_indices,
                   "bank_probs": state.bank_probs, "history": state.history, "seconds": state.seconds},
     }
     atomic_torch_save(Path(out_dir) / CHECKPOINT_FILE, payload)
-    atomic_torch_save(Path(out_dir) / STUDENT_FILE, {"model": cfg.student.model, "state_dict": student.state_dict(),
+    atomic_torch_save(Path(out_dir) / STUDENT_FILE, {"model": cfg.student.model, "state_dict": state_dict_on_cpu(student),
                                                      "round": state.round})
 
 

@@ -26,9 +26,9 @@ def test_tensors(cfg: ExperimentConfig, split: FederatedSplit) -> tuple[torch.Te
     return tensors(split.data.test, spatial_dims=split.data.spatial_dims, limit=cfg.data.max_test_samples)
 
 
-def evaluate_on_test(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> EvalResult:
-    """AUC / accuracy / per-class figures of ``model`` on the test split."""
-    return evaluate_model(model, *test)
+def evaluate_on_test(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], *, amp: bool = False) -> EvalResult:
+    """AUC / accuracy / per-class figures of ``model`` on the test split (on the model's device)."""
+    return evaluate_model(model, *test, amp=amp)
 
 
 def write_metrics(out_dir: Path, *, cfg: ExperimentConfig, rounds: list[dict[str, Any]],

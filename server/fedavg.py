@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.config import ExperimentConfig
 from common.errors import PayloadError
+from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
 from common.payload import as_integer, check_keys, check_records, decode_weights
 from common.split import make_split
@@ -97,7 +98,7 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
     split = make_split(cfg)
     test = test_tensors(cfg, split)
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg.student.model, split.model_spec())
+    student = place_model(build_model(cfg.student.model, split.model_spec()), resolve_device(cfg.device))
     state = load_checkpoint(out_dir, cfg=cfg, student=student, optimizer=None) or ServerState()
     offset = state.round
     remaining = cfg.rounds - offset
@@ -110,7 +111,7 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
     names = node_identities(grid)
     metered = MeteredGrid(grid)
     clock = {"start": time.perf_counter()}
-    reference = {k: v.detach().cpu().numpy() for k, v in student.state_dict().items()}
+    reference = {k: v.numpy() for k, v in state_dict_on_cpu(student).items()}
     k = len(nodes)
     strategy = CheckedFedAvg(reference=reference, names=names, min_nodes=k)
 
@@ -119,7 +120,7 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
             return None
         rnd = offset + server_round
         student.load_state_dict(arrays.to_torch_state_dict())
-        evaluation = evaluate_on_test(student, test)
+        evaluation = evaluate_on_test(student, test, amp=cfg.amp)
         traffic = metered.take()
         rejected, strategy.rejected = strategy.rejected, {}
         seconds = time.perf_counter() - clock["start"]
@@ -143,6 +144,6 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
 
     train_config = ConfigRecord({"lr": cfg.fedavg.lr, "local-epochs": cfg.fedavg.local_epochs,
                                  "batch-size": cfg.fedavg.batch_size, "student-model": cfg.student.model})
-    strategy.start(grid=metered, initial_arrays=ArrayRecord(student.state_dict()), num_rounds=remaining,
+    strategy.start(grid=metered, initial_arrays=ArrayRecord(state_dict_on_cpu(student)), num_rounds=remaining,
                    timeout=cfg.federation.reply_timeout_s, train_config=train_config, evaluate_fn=evaluate_fn)
     return final

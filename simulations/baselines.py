@@ -20,6 +20,7 @@ import torch
 from client.teacher import load_or_train_teacher, teacher_seed
 from common.atomic import atomic_torch_save
 from common.config import ExperimentConfig
+from common.device import place_model, resolve_device
 from common.models import build_model
 from common.split import hospital_name, local_train_val, make_split, tensors
 from common.training import train_supervised
@@ -42,7 +43,7 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
         train_x.append(x[train_pos]), train_y.append(y[train_pos]), val_x.append(x[val_pos]), val_y.append(y[val_pos])
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    student = build_model(cfg.student.model, split.model_spec())
+    student = place_model(build_model(cfg.student.model, split.model_spec()), resolve_device(cfg.device))
     logger.info("centralized: training %s on %d pooled private samples", cfg.student.model,
                 sum(t.shape[0] for t in train_y))
     result = train_supervised(
@@ -50,9 +51,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
         val_images=torch.cat(val_x), val_labels=torch.cat(val_y), epochs=cfg.teacher.epochs,
         patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=cfg.seed,
-        class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ",
+        class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ", amp=cfg.amp,
     )
-    evaluation = evaluate_on_test(student, test)
+    evaluation = evaluate_on_test(student, test, amp=cfg.amp)
     seconds = time.perf_counter() - start
     atomic_torch_save(out_dir / "student.pt", {"model": cfg.student.model, "state_dict": student.state_dict()})
     final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value, "seconds": seconds,
@@ -74,7 +75,7 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
     for h in range(cfg.federation.hospitals):
         teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=h,
                                               hospital_dir=hospitals_dir / hospital_name(h))
-        evaluation = evaluate_on_test(teacher, test)
+        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp)
         rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
                      "local_val_auc": info.val_auc, "test_auc": evaluation.auc, "test_acc": evaluation.acc})
         logger.info("local %s: test AUC %.4f acc %.4f (%d private samples)", info.hospital, evaluation.auc,
