@@ -37,7 +37,6 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
     """Check the query (contract, then policy), run the teacher on the requested proxy samples, pack the outputs."""
     from client.serve import teacher_outputs
     from client.teacher import load_or_train_teacher
-    from common.device import uint8_images_to
     from common.split import make_split
 
     split = make_split(hospital.cfg)
@@ -46,8 +45,7 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
     check_query(query, hospital.policy, released=released_indices(hospital.folder, run_id=msg.metadata.run_id))
     teacher, info = load_or_train_teacher(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                           hospital_dir=hospital.folder)
-    device = next(teacher.parameters()).device
-    images = uint8_images_to(proxy.images[query.indices], spatial_dims=split.data.spatial_dims, device=device)
+    images = split.proxy_on(next(teacher.parameters()).device).take(query.indices)  # only the queried samples
     outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
                               amp=hospital.cfg.amp)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,

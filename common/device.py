@@ -83,6 +83,35 @@ def state_dict_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
 
 
+class ResidentImages:
+    """A ``uint8`` image set kept on a GPU once, so that each query is a gather on the device, not a host copy.
+
+    Used for the public proxy set, which every query indexes into: on CUDA the
+    whole set (MedMNIST-sized: tens to hundreds of MB) is copied once per
+    process; on the CPU :meth:`take` is the plain host path.
+    """
+
+    def __init__(self, images: np.ndarray, *, spatial_dims: int, device: torch.device) -> None:
+        self.images = images
+        self.spatial_dims = spatial_dims
+        self.device = device
+        self._resident = (torch.from_numpy(np.ascontiguousarray(images)).to(device)
+                          if device.type == "cuda" else None)
+
+    def take(self, indices: np.ndarray) -> torch.Tensor:
+        """Images at ``indices`` as channel-first ``float32`` in [0, 1] on the device."""
+        if self._resident is None:
+            return uint8_images_to(self.images[indices], spatial_dims=self.spatial_dims, device=self.device)
+        picked = self._resident[torch.as_tensor(indices, device=self.device)]
+        return _channels_last(_channel_first(picked.float().div_(255.0), self.spatial_dims), self.device)
+
+
+def _channel_first(x: torch.Tensor, spatial_dims: int) -> torch.Tensor:
+    if spatial_dims == 2 and x.dim() == 4:
+        return x.permute(0, 3, 1, 2)
+    return x.unsqueeze(1)
+
+
 def uint8_images_to(images: np.ndarray, *, spatial_dims: int, device: torch.device) -> torch.Tensor:
     """Stored ``uint8`` images -> channel-first ``float32`` in [0, 1] on ``device``.
 
@@ -94,11 +123,4 @@ def uint8_images_to(images: np.ndarray, *, spatial_dims: int, device: torch.devi
     if device.type != "cuda":
         return to_tensor(images, spatial_dims=spatial_dims)
     raw = torch.from_numpy(np.ascontiguousarray(images)).pin_memory().to(device, non_blocking=True)
-    x = raw.float().div_(255.0)
-    if spatial_dims == 2 and x.dim() == 3:
-        x = x.unsqueeze(1)
-    elif spatial_dims == 2 and x.dim() == 4:
-        x = x.permute(0, 3, 1, 2)
-    else:
-        x = x.unsqueeze(1)
-    return _channels_last(x, device)
+    return _channels_last(_channel_first(raw.float().div_(255.0), spatial_dims), device)

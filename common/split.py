@@ -19,6 +19,7 @@ import torch
 
 from common.config import ExperimentConfig, ProxySource
 from common.data import ImageSplit, MedMNISTData, class_counts, load_medmnist, resolve_dataset, to_tensor
+from common.device import ResidentImages
 from common.models import ModelSpec
 from common.partition import partition_indices, split_proxy
 
@@ -44,6 +45,15 @@ class FederatedSplit:
         """The public proxy set (built once per split; every query indexes into it)."""
         src = self.data.train if self.proxy_source == ProxySource.TRAIN else self.data.val
         return ImageSplit(images=src.images[self.proxy_indices], labels=src.labels[self.proxy_indices])
+
+    def proxy_on(self, device: torch.device) -> ResidentImages:
+        """The proxy images where queries are answered: kept on ``device`` once per process when it is a GPU."""
+        key = str(device)
+        cache = self.__dict__.setdefault("_proxy_resident", {})
+        if key not in cache:
+            cache.clear()  # one device per process in practice; never two copies
+            cache[key] = ResidentImages(self.proxy.images, spatial_dims=self.data.spatial_dims, device=device)
+        return cache[key]
 
     def hospital(self, index: int) -> ImageSplit:
         idx = self.hospital_indices[index]

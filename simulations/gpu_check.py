@@ -104,16 +104,16 @@ def serving_figures(device: torch.device, workdir: Path, *, model: str, n: int, 
     from client.app import make_client_app
     from client.teacher import load_or_train_teacher
     from common.config import OutputKind, PolicyLimits, TeacherConfig, WireDtype
-    from common.device import autocast, uint8_images_to
+    from common.device import autocast
     from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content
     from common.policy import HospitalPolicy, PolicyData, hospital_experiment, write_policy
     from common.split import make_split
     from simulations.synthetic import random_dataset
 
     folder = workdir / f"serve-{model}"
-    data = random_dataset(workdir / f"serve-{n}.npz", n_train=2 * n + 2000, size=28, channels=3)
+    data = random_dataset(workdir / f"serve-{n}.npz", n_train=int(n / 0.8) + 4000, size=28, channels=3)
     policy = HospitalPolicy(hospital="H0", device=str(device), amp=True,
-                            data=PolicyData(dataset=str(data), proxy_fraction=0.5, download=False),
+                            data=PolicyData(dataset=str(data), proxy_fraction=0.8, download=False),
                             teacher=TeacherConfig(model=model, epochs=1, patience=1, batch_size=256),
                             limits=PolicyLimits(max_indices_per_query=n, max_indices_per_run=10**9))
     write_policy(folder / "policy.yaml", policy)
@@ -138,7 +138,7 @@ def serving_figures(device: torch.device, workdir: Path, *, model: str, n: int, 
 
     path_s = timed(serve, device=device, min_seconds=0.5 if quick else 2.0, warmup=1, max_iters=20)
     teacher, _ = load_or_train_teacher(cfg=cfg, split=split, hospital=0, hospital_dir=folder)
-    x = uint8_images_to(split.proxy.images[query.indices], spatial_dims=2, device=device)
+    x = split.proxy_on(device).take(query.indices)
 
     def forward() -> None:
         with torch.inference_mode(), autocast(device, amp=True):
@@ -205,7 +205,7 @@ def teacher_epoch_figures(device: torch.device, *, quick: bool, card: str) -> li
     return rows
 
 
-def run_checks(device_spec: str, *, quick: bool) -> dict[str, Any]:
+def run_checks(device_spec: str, *, quick: bool, only: list[str] | None = None) -> dict[str, Any]:
     """All figures as one JSON-ready document."""
     from common.device import resolve_device
 
@@ -222,6 +222,8 @@ def run_checks(device_spec: str, *, quick: bool) -> dict[str, Any]:
         "teacher_epoch": lambda tmp: teacher_epoch_figures(device, quick=quick, card=card),
     }
     for name, section in sections.items():  # one failing section must not cost the others' figures
+        if only and name not in only:
+            continue
         start = time.perf_counter()
         try:
             with tempfile.TemporaryDirectory(prefix="medkd-gpu-check-") as tmp:
@@ -238,9 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:<i>")
     parser.add_argument("--quick", action="store_true", help="small sizes: check the script, not the card")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    parser.add_argument("--only", nargs="+", default=None, choices=["serving", "distill", "forward", "teacher_epoch"],
+                        help="run only these sections")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    doc = run_checks(args.device, quick=args.quick)
+    doc = run_checks(args.device, quick=args.quick, only=args.only)
     text = json.dumps(doc, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

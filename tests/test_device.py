@@ -89,3 +89,17 @@ def test_gpu_training_learns_and_keeps_the_rng_on_the_cpu() -> None:
     assert next(model.parameters()).device.type == "cuda"
     assert result.val.auc > 0.8  # the brightness carries the class
     assert seed_everything(0).device.type == "cpu"
+
+
+@pytest.mark.parametrize("shape", [(7, 28, 28, 3), (7, 28, 28), (7, 8, 8, 8)], ids=["rgb", "grey", "3d"])
+def test_resident_proxy_images_match_the_host_path(shape: tuple[int, ...]) -> None:
+    from common.device import ResidentImages
+
+    images = np.random.default_rng(1).integers(0, 256, size=shape, dtype=np.uint8)
+    spatial_dims = 3 if shape == (7, 8, 8, 8) else 2
+    indices = np.array([5, 0, 3])
+    expected = to_tensor(images[indices], spatial_dims=spatial_dims)
+    for device in ["cpu"] + (["cuda"] if CUDA else []):
+        got = ResidentImages(images, spatial_dims=spatial_dims, device=torch.device(device)).take(indices)
+        assert got.device.type == device
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
