@@ -102,4 +102,5 @@ def test_resident_proxy_images_match_the_host_path(shape: tuple[int, ...]) -> No
     for device in ["cpu"] + (["cuda"] if CUDA else []):
         got = ResidentImages(images, spatial_dims=spatial_dims, device=torch.device(device)).take(indices)
         assert got.device.type == device
-        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+        # CUDA divides by a scalar through its reciprocal: values may differ from the CPU's by one ulp
+        torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0 if device == "cpu" else 1e-6)
