@@ -129,6 +129,9 @@ class FederationConfig:
     reply_timeout_s: float = documented(900.0, gt=0.0, doc="how long the server waits for replies in one round")
     wait_for_nodes_s: float = documented(300.0, gt=0.0, doc="how long the server waits for the hospitals to connect")
     client_cpus: float = documented(1.0, gt=0.0, doc="CPUs per simulated ClientApp (Flower simulation backend)")
+    max_in_flight: int = documented(0, ge=0, doc="queries in flight at once per round (0 = all hospitals at once); "
+                                    "for hundreds of simulated hospitals set ~50: Flower's in-memory engine scans "
+                                    "every stored message for every node, so rounds grow with hospitals x in-flight")
     faults: dict[str, str] = documented({}, doc="simulation only: hospital index -> injected reply fault "
                                 "(nan|shape|negative|uniform|flip|crash), to test validation and robust aggregators")
 

@@ -58,7 +58,7 @@ def tree_rss_bytes(root: int) -> int:
     return total
 
 
-def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Path) -> None:
+def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Path, in_flight: int) -> None:
     """One federation size: pretrain teachers (timed), then simulate ``rounds`` rounds; write a JSON result."""
     import logging
 
@@ -73,7 +73,8 @@ def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Pa
         "seed": 0, "rounds": rounds, "aggregator": "mean",
         "data": {"dataset": str(data), "download": False, "proxy_fraction": 0.05, "max_test_samples": 256},
         "federation": {"hospitals": hospitals, "partition": "iid", "min_samples": MIN_SAMPLES,
-                       "wait_for_nodes_s": 600, "reply_timeout_s": 3600},
+                       "wait_for_nodes_s": 600, "reply_timeout_s": 3600, **({"max_in_flight": in_flight}
+                                                                              if in_flight else {})},
         "teacher": {"model": "smallcnn", "epochs": 3, "patience": 3},
         "student": {"model": "smallcnn"},
         "distill": {"proxy_batch": 64, "epochs": 1},
@@ -97,12 +98,12 @@ def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Pa
                                   "replies_ok": [r["replies_ok"] for r in doc["rounds"]]}))
 
 
-def measure(hospitals: int, *, rounds: int, data: Path, workdir: Path) -> dict[str, Any]:
+def measure(hospitals: int, *, rounds: int, data: Path, workdir: Path, in_flight: int) -> dict[str, Any]:
     """Run one size in a child process and sample its process tree's memory."""
     workdir.mkdir(parents=True, exist_ok=True)
     result = workdir / "result.json"
     cmd = [sys.executable, "-m", "simulations.scale", "--child", str(hospitals), "--rounds", str(rounds),
-           "--data", str(data), "--workdir", str(workdir)]
+           "--data", str(data), "--workdir", str(workdir), "--max-in-flight", str(in_flight)]
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(workdir / "child.log", "w"))
     peak = {"bytes": 0}
 
@@ -149,13 +150,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
     parser.add_argument("--source", type=Path, default=None,
                         help="real MedMNIST .npz to tile (default: pneumoniamnist_kaggle.npz in $MEDKD_DATA)")
+    parser.add_argument("--max-in-flight", type=int, default=50,
+                        help="federation.max_in_flight of the runs (0: all hospitals at once; default 50)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         _child(args.child, rounds=args.rounds, data=args.data, workdir=args.workdir,
-               result=args.workdir / "result.json")
+               result=args.workdir / "result.json", in_flight=args.max_in_flight)
         return 0
 
     from simulations.synthetic import tile_dataset
@@ -172,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for hospitals in sorted(args.hospitals):
         print(f"scale: {hospitals} hospitals ...", file=sys.stderr, flush=True)
-        rows.append(measure(hospitals, rounds=args.rounds, data=data, workdir=args.out / f"h{hospitals}"))
+        rows.append(measure(hospitals, rounds=args.rounds, data=data, workdir=args.out / f"h{hospitals}",
+                            in_flight=args.max_in_flight))
         print(table(rows), file=sys.stderr, flush=True)
     text = table(rows)
     (args.out / "scale.md").write_text(text + "\n")

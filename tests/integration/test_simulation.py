@@ -47,6 +47,7 @@ def test_gate_logs_every_reply_with_the_hash_the_coordinator_received(tiny_confi
     """Errors and faults included: one log line per reply sent, each hash equal to what arrived."""
     cfg = tiny_config(**{
         "federation.hospitals": 4, "federation.min_replies": 1, "teacher.epochs": 2, "distill.epochs": 1,
+        "federation.max_in_flight": 3,  # two waves per round: 3 queries, then 1
         "federation.faults": {"0": "nan", "1": "crash"},
         "policy_per_hospital": {"2": {"limits": {"max_indices_per_query": 8}}},
     })
