@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,8 @@ def locate_policy(node_config: Mapping[str, object], root: Path) -> Path:
                              "--node-config 'policy=\"/path/to/policy.yaml\"' (or hospital-dir=...)")
 
 
-_LOADED: dict[tuple[str, int, int], Hospital] = {}
+_LOADED: OrderedDict[tuple[str, int, int], Hospital] = OrderedDict()
+_LOADED_CAPACITY = 4096  # a few kB each: one per simulated hospital a process serves
 
 
 def load_hospital(policy_path: Path) -> Hospital:
@@ -105,13 +107,15 @@ def load_hospital(policy_path: Path) -> Hospital:
     except OSError:
         key = None
     if key is not None and key in _LOADED:
+        _LOADED.move_to_end(key)
         return _LOADED[key]
     policy = load_policy(policy_path)
     hospital = Hospital(policy=policy, policy_path=policy_path, folder=policy.folder_path(policy_path),
                         cfg=hospital_experiment(policy))
     if key is not None:
-        _LOADED.clear()  # one hospital per process in deployment; a handful in simulation
         _LOADED[key] = hospital
+        while len(_LOADED) > _LOADED_CAPACITY:
+            _LOADED.popitem(last=False)
     return hospital
 
 
