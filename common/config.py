@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from common.errors import ConfigError
-from common.schema import build_dataclass, documented, reference_rows, to_plain
+from common.schema import apply_overrides, build_dataclass, documented, parse_overrides, reference_rows, to_plain
 
 __all__ = [
     "Method",
@@ -258,52 +258,6 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn ``["a.b=1", "c=x"]`` into ``{"a.b": 1, "c": "x"}``; values are YAML scalars.
-
-    Raises
-    ------
-    ConfigError
-        Listing every item that is not ``key=value``.
-    """
-    out: dict[str, Any] = {}
-    problems = []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            problems.append(f"--set {item!r}: expected key=value")
-            continue
-        try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key] = raw
-    if problems:
-        raise ConfigError("--set", problems)
-    return out
-
-
-def _apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = _deep_copy(raw)
-    for dotted, value in overrides.items():
-        node = merged
-        parts = dotted.split(".")
-        for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[parts[-1]] = value
-    return merged
-
-
-def _deep_copy(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _deep_copy(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_deep_copy(v) for v in obj]
-    return obj
-
-
 def _cross_checks(cfg: ExperimentConfig, problems: list[str]) -> None:
     models = [("teacher.model", cfg.teacher.model), ("student.model", cfg.student.model)]
     for idx, name in cfg.teacher.per_hospital.items():
@@ -359,7 +313,7 @@ def build_config(raw: Any, *, source: str = "<config>", overrides: dict[str, Any
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(source, [f"<top>: expected a mapping of keys, got {type(raw).__name__}"])
-    merged = _apply_overrides(raw, overrides or {})
+    merged = apply_overrides(raw, overrides or {})
     problems: list[str] = []
     cfg = build_dataclass(ExperimentConfig, merged, problems=problems)
     if cfg is not None and not problems:

@@ -20,7 +20,12 @@ import typing
 from dataclasses import field
 from typing import Any
 
-__all__ = ["documented", "build_dataclass", "to_plain", "reference_rows", "all_keys"]
+import yaml
+
+from common.errors import ConfigError
+
+__all__ = ["documented", "build_dataclass", "to_plain", "reference_rows", "all_keys", "parse_overrides",
+           "apply_overrides"]
 
 
 def documented(default: Any, *, doc: str, gt: float | None = None, ge: float | None = None,
@@ -201,3 +206,52 @@ def reference_rows(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
         shown = "null" if shown is None else ("{}" if shown == {} else repr(shown))
         rows.append((f"{prefix}{f.name}", shown, f.metadata.get("doc", "")))
     return rows
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into ``{"a.b": 1, "c": "x"}``; values are YAML scalars.
+
+    Raises
+    ------
+    ConfigError
+        Listing every item that is not ``key=value``.
+    """
+    out: dict[str, Any] = {}
+    problems = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected key=value")
+            continue
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    if problems:
+        raise ConfigError("--set", problems)
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = _deep_copy(raw)
+    for dotted, value in overrides.items():
+        node = merged
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return merged
+
+
+def _deep_copy(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _deep_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_deep_copy(v) for v in obj]
+    return obj
