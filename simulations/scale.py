@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
     parser.add_argument("--source", type=Path, default=None,
                         help="real MedMNIST .npz to tile (default: pneumoniamnist_kaggle.npz in $MEDKD_DATA)")
-    parser.add_argument("--max-in-flight", type=int, default=50,
-                        help="federation.max_in_flight of the runs (0: all hospitals at once; default 50)")
+    parser.add_argument("--max-in-flight", type=int, default=16,
+                        help="federation.max_in_flight of the runs (0: all hospitals at once; default 16)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)

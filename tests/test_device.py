@@ -104,3 +104,22 @@ def test_resident_proxy_images_match_the_host_path(shape: tuple[int, ...]) -> No
         assert got.device.type == device
         # CUDA divides by a scalar through its reciprocal: values may differ from the CPU's by one ulp
         torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0 if device == "cpu" else 1e-6)
+
+
+def test_teacher_cache_is_bounded_by_the_bytes_of_its_weights(tmp_path) -> None:
+    from client.teacher import TeacherCache, _weight_bytes
+
+    model = build_model("smallcnn", SPEC)
+    size = _weight_bytes(model)
+    cache = TeacherCache(max_bytes=int(2.5 * size))  # room for two teachers
+    keys = []
+    for i in range(3):
+        path = tmp_path / f"t{i}.pt"
+        path.write_bytes(b"x" * (i + 1))
+        keys.append(TeacherCache.key(path, device="cpu", fingerprint="f"))
+        cache.put(keys[-1], (model, None))  # type: ignore[arg-type]
+    assert cache.get(keys[0]) is None  # the least recently used left first
+    assert cache.get(keys[1]) is not None and cache.get(keys[2]) is not None
+    path = tmp_path / "t2.pt"
+    path.write_bytes(b"changed")  # a retrained teacher is a new key, never served stale
+    assert cache.get(TeacherCache.key(path, device="cpu", fingerprint="f")) is None
