@@ -28,7 +28,7 @@ from client.gate import NO_DP, OutboundGate
 from client.hospital import (Hospital, check_query, hospitals_root, ignored_run_config, load_hospital, locate_policy,
                              released_indices)
 from common.errors import PolicyRefusal
-from common.payload import HOSPITAL_ERROR_CODE, make_reply_content, parse_query
+from common.payload import HOSPITAL_ERROR_CODE, make_reply_content, parse_query, reportable
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def train_teacher_now(msg: Message, hospital: Hospital) -> Message:
     _, info = load_or_train_teacher(cfg=hospital.cfg, split=make_split(hospital.cfg), hospital=hospital.index,
                                     hospital_dir=hospital.folder, retrain=True)
     return Message(RecordDict({"metrics": MetricRecord({
-        "num_private": info.num_private, "val_auc": info.val_auc if info.val_auc == info.val_auc else -1.0,
-        "val_acc": info.val_acc if info.val_acc == info.val_acc else -1.0, "epochs_run": info.epochs_run})}),
+        "num_private": info.num_private, "val_auc": reportable(info.val_auc), "val_acc": reportable(info.val_acc),
+        "epochs_run": info.epochs_run})}),
         reply_to=msg)
 
 

@@ -298,14 +298,18 @@ def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
 # --------------------------------------------------------------------------- reply
 
 
+def reportable(value: float) -> float:
+    """A local figure as it may be reported: itself when finite, else -1 ("undefined"; NaN never travels)."""
+    return float(value) if math.isfinite(value) else UNDEFINED_AUC
+
+
 def make_reply_content(*, outputs: np.ndarray, dtype: WireDtype, hospital: str, model: str, privacy: str,
                        num_private: int, val_auc: float) -> RecordDict:
     """Pack teacher outputs (N, C) in the wire dtype with the hospital's metrics (NaN AUC sent as -1)."""
     wire = np.ascontiguousarray(outputs, dtype=_WIRE_DTYPES[dtype])
-    auc = float(val_auc) if math.isfinite(val_auc) else UNDEFINED_AUC
     return RecordDict({
         "outputs": ArrayRecord({"outputs": Array(wire)}),
-        "metrics": MetricRecord({"num_private": int(num_private), "val_auc": auc}),
+        "metrics": MetricRecord({"num_private": int(num_private), "val_auc": reportable(val_auc)}),
         "hospital": ConfigRecord({"name": hospital, "model": model, "privacy": privacy}),
     })
 

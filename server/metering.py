@@ -48,9 +48,13 @@ class MeteredGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
+        sizes: dict[int, int] = {}  # a round shares one query payload among all its messages: measure it once
         for msg in messages:
             if msg.has_content():
-                self._traffic.bytes_down[msg.metadata.dst_node_id] += payload_bytes(msg.content)
+                size = sizes.get(id(msg.content))
+                if size is None:
+                    size = sizes[id(msg.content)] = payload_bytes(msg.content)
+                self._traffic.bytes_down[msg.metadata.dst_node_id] += size
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             try:
