@@ -19,7 +19,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -28,13 +30,17 @@ from client.gate import NO_DP, OutboundGate
 from client.hospital import (Hospital, check_query, hospitals_root, ignored_run_config, load_hospital, locate_policy,
                              released_indices)
 from common.errors import PolicyRefusal
-from common.payload import HOSPITAL_ERROR_CODE, make_reply_content, parse_query, reportable
+from common.payload import HOSPITAL_ERROR_CODE, Query, make_reply_content, parse_query, reportable
+
+if TYPE_CHECKING:
+    from common.split import FederatedSplit
 
 logger = logging.getLogger(__name__)
 
 
 def answer_query(msg: Message, hospital: Hospital) -> Message:
     """Check the query (contract, then policy), run the teacher on the requested proxy samples, pack the outputs."""
+    from client.selector import load_or_train_selector, selection
     from client.serve import teacher_outputs
     from client.teacher import load_or_train_teacher
     from common.split import make_split
@@ -48,9 +54,26 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
     images = split.proxy_on(next(teacher.parameters()).device).take(query.indices)  # only the queried samples
     outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
                               amp=hospital.cfg.amp)
+    selector = load_or_train_selector(cfg=hospital.cfg, split=split, hospital=hospital.index,
+                                      hospital_dir=hospital.folder, teacher=teacher)
+    mask, density = selection(selector, teacher, images, amp=hospital.cfg.amp) if selector else (None, None)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
-                                 privacy=NO_DP, num_private=info.num_private, val_auc=info.val_auc)
+                                 privacy=NO_DP, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
+                                 density=density, label_counts=_label_counts(query, hospital, split))
     return Message(content, reply_to=msg)
+
+
+def _label_counts(query: Query, hospital: Hospital, split: FederatedSplit) -> np.ndarray | None:
+    """The private data's class counts, if the query asks and the policy releases them (else None, noted)."""
+    if not query.label_counts:
+        return None
+    if not hospital.policy.answers.label_counts:
+        logger.info("hospital %s: the query asked for label counts; its policy (answers.label_counts) keeps them",
+                    hospital.name)
+        return None
+    from common.data import class_counts
+
+    return class_counts(split.hospital(hospital.index).labels, split.data.n_classes)
 
 
 def train_teacher_now(msg: Message, hospital: Hospital) -> Message:

@@ -105,7 +105,8 @@ class OutboundGate:
                 wire = proto.SerializeToString(deterministic=True)
                 if len(wire) <= self.max_bytes:
                     outgoing = Message(recorddict_from_proto(proto), reply_to=request)
-                    self._log(request, status="sent", wire=wire, n_indices=_n_indices(kind, outgoing))
+                    self._log(request, status="sent", wire=wire, n_indices=_n_indices(kind, outgoing),
+                              extras=_extras(kind, outgoing))
                     return outgoing
                 problem = f"payload of {len(wire)} bytes exceeds the gate's limit of {self.max_bytes}"
             self.note(f"withheld a {kind} reply (round {round_}): {problem}")
@@ -133,13 +134,18 @@ class OutboundGate:
             extra = sorted(set(have) - want)
             if extra:
                 return f"{kind} replies may not carry {what} {extra}"
-        if kind == QUERY_MESSAGE_TYPE and set(content.array_records.get("outputs", {})) != {"outputs"}:
-            return "ArrayRecord 'outputs' must hold exactly the array 'outputs'"
+        if kind == QUERY_MESSAGE_TYPE:
+            arrays_out = set(content.array_records.get("outputs", {}))
+            if "outputs" not in arrays_out or arrays_out - {"outputs", "mask", "density"}:
+                return "ArrayRecord 'outputs' must hold the array 'outputs' and at most 'mask' and 'density'"
+            if set(content.metric_records.get("metrics", {})) - {"num_private", "val_auc", "label_counts"}:
+                return "MetricRecord 'metrics' may hold only num_private, val_auc and label_counts"
         return None
 
     # ------------------------------------------------------------------ logs
 
-    def _log(self, request: Message, *, status: str, wire: bytes, n_indices: int, code: int | None = None) -> None:
+    def _log(self, request: Message, *, status: str, wire: bytes, n_indices: int, code: int | None = None,
+             extras: dict[str, object] | None = None) -> None:
         record: dict[str, object] = {
             "time": time.time(), "hospital": self.hospital, "run_id": self.run_id, "round": _round(request),
             "request_id": str(request.metadata.message_id)[:128], "kind": _kind(request), "status": status,
@@ -148,6 +154,7 @@ class OutboundGate:
         }
         if code is not None:
             record["error_code"] = code
+        record.update(extras or {})
         self._append(self.folder / OUTBOUND_LOG, json.dumps(record, sort_keys=True) + "\n")
         logger.debug("%s released %s %s reply of %d bytes", self.hospital, status, record["kind"], len(wire))
 
@@ -188,3 +195,16 @@ def _n_indices(kind: str, reply: Message) -> int:
         return 0
     shape = reply.content.array_records["outputs"]["outputs"].shape
     return int(shape[0]) if shape else 0
+
+
+def _extras(kind: str, reply: Message) -> dict[str, object]:
+    """What a query reply released beyond its outputs: how many samples it answered, the fields it carried."""
+    if kind != QUERY_MESSAGE_TYPE:
+        return {}
+    arrays = reply.content.array_records["outputs"]
+    extras: dict[str, object] = {"fields": sorted(set(arrays) | set(reply.content.metric_records["metrics"]))}
+    if "mask" in arrays:
+        extras["n_answered"] = int(arrays["mask"].numpy().astype(bool).sum())
+    if "label_counts" in reply.content.metric_records["metrics"]:
+        extras["label_counts_released"] = True
+    return extras

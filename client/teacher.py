@@ -23,7 +23,8 @@ from common.atomic import atomic_torch_save
 from common.config import ExperimentConfig, config_to_dict
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
-from common.split import FederatedSplit, hospital_name, local_train_val, tensors
+from common.data import class_counts
+from common.split import FederatedSplit, class_warnings, hospital_name, local_train_val, tensors
 from common.training import train_supervised
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class TeacherInfo:
 
 def teacher_seed(cfg: ExperimentConfig, hospital: int) -> int:
     """Seed of hospital ``hospital``'s teacher training."""
-    return cfg.seed * 1000 + 17 * hospital + 1
+    return cfg.seed * 1000 + 17 * hospital + 1 + 7919 * cfg.teacher.seed_offset
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> str:
@@ -84,6 +85,9 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -
     start = time.perf_counter()
     logger.info("%s: training teacher %s on %d private samples (%d for local validation)", name, model_name,
                 len(train_pos), len(val_pos))
+    for text in class_warnings(name, class_counts(private.labels, split.data.n_classes).tolist(),
+                               below=cfg.federation.warn_class_below):
+        logger.warning("%s", text)
     result = train_supervised(
         model=model, train_images=images[train_pos], train_labels=labels[train_pos],
         val_images=images[val_pos], val_labels=labels[val_pos], epochs=cfg.teacher.epochs,

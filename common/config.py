@@ -35,6 +35,8 @@ __all__ = [
     "OutputKind",
     "WireDtype",
     "ProxySource",
+    "SelectorKind",
+    "SelectorConfig",
     "DataConfig",
     "FederationConfig",
     "TeacherConfig",
@@ -76,6 +78,16 @@ class AggregatorName(StrEnum):
     ERA = "era"
     CERTAINTY = "certainty"
     MEDIAN = "median"
+    DENSITY = "density"
+    LABEL_AWARE = "label_aware"
+
+
+class SelectorKind(StrEnum):
+    """How a hospital decides, per proxy sample, whether its teacher knows enough to answer (client/selector.py)."""
+
+    NONE = "none"
+    DENSITY_RATIO = "density_ratio"
+    MAX_SOFTMAX = "max_softmax"
 
 
 class PartitionName(StrEnum):
@@ -117,6 +129,8 @@ class DataConfig:
     proxy_labelled: bool = documented(False, doc="whether proxy labels may reach the student (enables distill.ce_weight)")
     local_val_fraction: float = documented(0.15, gt=0.0, lt=0.5, doc="fraction of each hospital's private data held out for early stopping and local AUC")
     max_test_samples: int = documented(0, ge=0, doc="evaluate on at most this many test samples (0 = the whole test split)")
+    max_val_samples: int = documented(0, ge=0, doc="coordinator's validation set: at most this many samples of the "
+                                      "official val split (0 = all of it, less any proxy samples drawn from it)")
 
 
 @dataclass(frozen=True)
@@ -132,6 +146,8 @@ class FederationConfig:
     max_in_flight: int = documented(0, ge=0, doc="queries in flight at once per round (0 = all hospitals at once); "
                                     "for hundreds of simulated hospitals set ~50: Flower's in-memory engine scans "
                                     "every stored message for every node, so rounds grow with hospitals x in-flight")
+    warn_class_below: int = documented(5, ge=1, doc="warn, by hospital name, when a hospital's private data holds "
+                                       "fewer than this many examples of some class (or a single class)")
     faults: dict[str, str] = documented({}, doc="simulation only: hospital index -> injected reply fault "
                                 "(nan|shape|negative|uniform|flip|crash), to test validation and robust aggregators")
 
@@ -149,6 +165,19 @@ class TeacherConfig:
     class_weighted: bool = documented(False, doc="inverse-frequency class weights in the teacher's loss (off: keeps "
                               "teacher probabilities calibrated to the hospital's own label mix, which "
                               "averages better across hospitals)")
+    seed_offset: int = documented(0, ge=0, doc="added to the teacher's initialisation and shuffling seed (robustness "
+                                  "checks: the same split, differently initialised teachers)")
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    kind: SelectorKind = documented(SelectorKind.NONE, doc="per-sample abstention: none | density_ratio (a "
+                                    "private-vs-proxy classifier estimates p_hospital(x)/p_proxy(x); its ratio is "
+                                    "also sent, one float16 per sample) | max_softmax (the teacher's confidence)")
+    abstain_quantile: float = documented(0.0, ge=0.0, lt=1.0, doc="abstain on proxy samples scoring below this "
+                                         "quantile of the hospital's own held-out private samples (0 = never)")
+    epochs: int = documented(20, ge=1, doc="density_ratio: most epochs of the private-vs-proxy classifier")
+    patience: int = documented(5, ge=1, doc="density_ratio: early-stopping patience (held-out AUC)")
 
 
 @dataclass(frozen=True)
@@ -166,6 +195,8 @@ class DistillConfig:
     weight_decay: float = documented(1e-4, ge=0.0, doc="student Adam weight decay")
     ce_weight: float = documented(0.0, ge=0.0, le=1.0, doc="weight of cross-entropy on proxy labels (needs data.proxy_labelled)")
     era_temperature: float = documented(0.1, gt=0.0, doc="sharpening temperature of the era aggregator (DS-FL)")
+    max_entropy: float = documented(1.0, gt=0.0, le=1.0, doc="drop proxy samples whose aggregated soft label has a "
+                                    "normalised entropy above this (1 = keep all; Selective-FD's server selector)")
     augment: bool = documented(True, doc="random flips during distillation")
 
 
@@ -191,6 +222,8 @@ class PolicyAnswers:
                                      "request; the reply carries local sizes and validation figures only)")
     fedavg_weights: bool = documented(False, doc="answer `train` with model weights (the FedAvg *baseline*); "
                                       "off unless the hospital opts in to a baseline study")
+    label_counts: bool = documented(False, doc="release the private data's per-class counts when a query asks "
+                                    "(the label_aware aggregator); a release, recorded in the outbound log")
 
 
 @dataclass(frozen=True)
@@ -224,13 +257,18 @@ class ExperimentConfig:
     seed: int = documented(0, ge=0, doc="seed for splits, initialisation and sampling")
     rounds: int = documented(10, ge=1, doc="federated rounds (fedkd, fedavg); centralized and local train once")
     method: Method = documented(Method.FEDKD, doc="fedkd | fedavg | centralized | local")
-    aggregator: AggregatorName = documented(AggregatorName.ERA, doc="mean | weighted | era | certainty | median")
+    aggregator: AggregatorName = documented(AggregatorName.ERA, doc="mean | weighted | era | certainty | median | "
+                                            "density (needs selector.kind density_ratio) | label_aware (needs "
+                                            "policy.answers.label_counts)")
+    early_stop_rounds: int = documented(0, ge=0, doc="stop when the student's validation AUC has not improved for "
+                                        "this many rounds (0 = run every round); the best round is kept either way")
     device: str = documented("auto", doc="where the student, evaluation and baselines run: auto (CUDA when present) "
                              "| cpu | cuda | cuda:<i>; each hospital's policy sets its teacher's")
     amp: bool = documented(True, doc="bf16 autocast on CUDA (ignored on the CPU, where runs stay fp32 and deterministic)")
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     query: QueryConfig = field(default_factory=QueryConfig)
@@ -295,6 +333,13 @@ def _cross_checks(cfg: ExperimentConfig, problems: list[str]) -> None:
         )
     if cfg.method == Method.FEDKD and cfg.data.proxy_fraction <= 0:
         problems.append("data.proxy_fraction: must be > 0 for method fedkd (the proxy set is what teachers label), got 0")
+    if cfg.aggregator == AggregatorName.DENSITY and cfg.selector.kind != SelectorKind.DENSITY_RATIO:
+        problems.append(f"aggregator: 'density' weights hospitals by the density ratios they send; set "
+                        f"selector.kind: density_ratio (got {cfg.selector.kind.value!r})")
+    if cfg.aggregator == AggregatorName.LABEL_AWARE and not any(
+            cfg.policy_rules(i).answers.label_counts for i in range(cfg.federation.hospitals)):
+        problems.append("aggregator: 'label_aware' needs label counts, but no hospital's policy releases them; "
+                        "set policy.answers.label_counts: true")
     if cfg.query.max_indices < cfg.distill.proxy_batch:
         problems.append(
             f"query.max_indices: must be >= distill.proxy_batch ({cfg.distill.proxy_batch}), got {cfg.query.max_indices}"

@@ -3,14 +3,22 @@
 Query (server -> hospital), message type ``query.logits``::
 
     ConfigRecord "query":   round (int), proxy_hash (str), temperature (float),
-                            output ("probs"|"logits"), dtype ("float16"|"float32")
+                            output ("probs"|"logits"), dtype ("float16"|"float32"),
+                            label_counts (bool: may the hospital add its class counts)
     ArrayRecord  "indices": "indices" -> int64 (N,) positions in the proxy set
 
 Reply (hospital -> server)::
 
     ArrayRecord  "outputs":  "outputs" -> (N, C) float16/float32 teacher outputs
-    MetricRecord "metrics":  num_private (int), val_auc (float in [0, 1], or -1 when undefined)
+                             "mask"    -> (N,) uint8, optional: 1 answered, 0 abstained (selector)
+                             "density" -> (N,) float16, optional: density ratio p_hospital(x)/p_proxy(x)
+    MetricRecord "metrics":  num_private (int), val_auc (float in [0, 1], or -1 when undefined),
+                             label_counts (C ints summing to num_private), optional: only when the
+                             query asked and the hospital's policy releases them
     ConfigRecord "hospital": name (str), model (str), privacy (str)
+
+What each optional field adds on the wire: the mask 1 byte per sample, the
+density 2 bytes per sample, the label counts C integers per reply.
 
 Nothing else may leave a hospital: no weights, gradients or private samples
 (the FedAvg *baseline*'s weights only where a hospital's policy opts in).
@@ -52,6 +60,7 @@ MAX_PRIVATE = 10**9
 NPY_HEADER_MAX = 4096  # bytes of .npy header allowed on top of the raw data
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 UNDEFINED_AUC = -1.0  # val_auc when the hospital's local validation holds a single class
+DENSITY_MAX = 60000.0  # largest density ratio sent (float16 holds up to 65504)
 
 _WIRE_DTYPES = {WireDtype.FLOAT16: np.float16, WireDtype.FLOAT32: np.float32}
 _NUMPY_STYPE = "numpy.ndarray"
@@ -67,6 +76,7 @@ class Query:
     temperature: float
     output: OutputKind
     dtype: WireDtype
+    label_counts: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,9 @@ class Reply:
     outputs: np.ndarray  # (N, C) float32 (converted from the wire dtype after checks)
     num_private: int
     val_auc: float  # in [0, 1], or -1 when undefined
+    mask: np.ndarray | None = None  # (N,) bool: True where the hospital answered
+    density: np.ndarray | None = None  # (N,) float32 >= 0
+    label_counts: np.ndarray | None = None  # (C,) int64, sums to num_private
 
 
 # --------------------------------------------------------------------------- generic checks
@@ -240,7 +253,7 @@ def make_query_content(query: Query) -> RecordDict:
     """Pack a :class:`Query` into a RecordDict."""
     config = ConfigRecord({
         "round": int(query.round), "proxy_hash": query.proxy_hash, "temperature": float(query.temperature),
-        "output": query.output.value, "dtype": query.dtype.value,
+        "output": query.output.value, "dtype": query.dtype.value, "label_counts": bool(query.label_counts),
     })
     indices = ArrayRecord({"indices": Array(np.ascontiguousarray(query.indices, dtype=np.int64))})
     return RecordDict({"query": config, "indices": indices})
@@ -268,7 +281,8 @@ def parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
 def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
     check_records(content, arrays={"indices"}, metrics=set(), configs={"query"})
     cfg = content.config_records["query"]
-    check_keys(cfg, field="query", required={"round", "proxy_hash", "temperature", "output", "dtype"})
+    check_keys(cfg, field="query", required={"round", "proxy_hash", "temperature", "output", "dtype",
+                                             "label_counts"})
     round_ = as_integer(cfg["round"], field="query.round", low=0, high=MAX_ROUND)
     server_hash = as_text(cfg["proxy_hash"], field="query.proxy_hash", max_len=128)
     if server_hash != proxy_hash:
@@ -280,6 +294,9 @@ def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
         raise PayloadError(f"must be a finite number > 0, got {temperature!r}", field="query.temperature")
     output = as_choice(cfg["output"], OutputKind, field="query.output")
     dtype = as_choice(cfg["dtype"], WireDtype, field="query.dtype")
+    if not isinstance(cfg["label_counts"], bool):
+        raise PayloadError(f"expected true or false, got {type(cfg['label_counts']).__name__}",
+                           field="query.label_counts")
     arrays = content.array_records["indices"]
     check_keys(arrays, field="indices", required={"indices"})
     indices = decode_array(arrays["indices"], field="indices", dtypes=("int64", "int32", "uint32", "int16", "uint16"),
@@ -292,7 +309,7 @@ def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
     if np.unique(indices).size != indices.size:
         raise PayloadError("contain duplicates", field="indices")
     return Query(round=round_, proxy_hash=server_hash, indices=indices.astype(np.int64), temperature=temperature,
-                 output=output, dtype=dtype)
+                 output=output, dtype=dtype, label_counts=bool(cfg["label_counts"]))
 
 
 # --------------------------------------------------------------------------- reply
@@ -304,12 +321,25 @@ def reportable(value: float) -> float:
 
 
 def make_reply_content(*, outputs: np.ndarray, dtype: WireDtype, hospital: str, model: str, privacy: str,
-                       num_private: int, val_auc: float) -> RecordDict:
-    """Pack teacher outputs (N, C) in the wire dtype with the hospital's metrics (NaN AUC sent as -1)."""
+                       num_private: int, val_auc: float, mask: np.ndarray | None = None,
+                       density: np.ndarray | None = None, label_counts: np.ndarray | None = None) -> RecordDict:
+    """Pack teacher outputs (N, C) in the wire dtype with the hospital's metrics (NaN AUC sent as -1).
+
+    ``mask`` (N,) bool and ``density`` (N,) come from the hospital's selector;
+    ``label_counts`` (C,) only where the query asked and the policy allows.
+    """
     wire = np.ascontiguousarray(outputs, dtype=_WIRE_DTYPES[dtype])
+    arrays = {"outputs": Array(wire)}
+    if mask is not None:
+        arrays["mask"] = Array(np.ascontiguousarray(mask, dtype=np.uint8))
+    if density is not None:
+        arrays["density"] = Array(np.ascontiguousarray(np.clip(density, 0.0, DENSITY_MAX), dtype=np.float16))
+    metrics: dict[str, Any] = {"num_private": int(num_private), "val_auc": reportable(val_auc)}
+    if label_counts is not None:
+        metrics["label_counts"] = [int(c) for c in label_counts]
     return RecordDict({
-        "outputs": ArrayRecord({"outputs": Array(wire)}),
-        "metrics": MetricRecord({"num_private": int(num_private), "val_auc": reportable(val_auc)}),
+        "outputs": ArrayRecord(arrays),
+        "metrics": MetricRecord(metrics),
         "hospital": ConfigRecord({"name": hospital, "model": model, "privacy": privacy}),
     })
 
@@ -339,7 +369,8 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
                  simplex_tolerance: float) -> Reply:
     check_records(content, arrays={"outputs"}, metrics={"metrics"}, configs={"hospital"})
     arrays = content.array_records["outputs"]
-    check_keys(arrays, field="outputs", required={"outputs"})
+    present = {str(k) for k in arrays.keys()}
+    check_keys(arrays, field="outputs", required={"outputs"} | (present & {"mask", "density"}))
     wire = np.dtype(_WIRE_DTYPES[dtype]).name
     values = decode_array(arrays["outputs"], field="outputs", dtypes=(wire,), ndim=2,
                           max_elements=max(1, n_samples * n_classes))
@@ -358,9 +389,30 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
             raise PayloadError(f"probability rows do not sum to 1 (off by up to {worst:.4g}, tolerance "
                                f"{simplex_tolerance})", field="outputs")
         values = values / values.sum(axis=1, keepdims=True)  # undo float16 rounding
+    mask = density = None
+    if "mask" in present:
+        raw = decode_array(arrays["mask"], field="outputs.mask", dtypes=("uint8",), ndim=1,
+                           max_elements=max(1, n_samples))
+        if raw.shape != (n_samples,):
+            raise PayloadError(f"shape is {raw.shape}, expected {(n_samples,)}", field="outputs.mask")
+        if n_samples and raw.max() > 1:
+            raise PayloadError(f"must hold 0 (abstain) or 1 (answer), got {int(raw.max())}", field="outputs.mask")
+        mask = raw.astype(bool)
+    if "density" in present:
+        raw = decode_array(arrays["density"], field="outputs.density", dtypes=("float16",), ndim=1,
+                           max_elements=max(1, n_samples))
+        if raw.shape != (n_samples,):
+            raise PayloadError(f"shape is {raw.shape}, expected {(n_samples,)}", field="outputs.density")
+        density = raw.astype(np.float32)
+        if not np.isfinite(density).all() or (density < 0).any():
+            raise PayloadError("density ratios must be finite and >= 0", field="outputs.density")
     metrics = content.metric_records["metrics"]
-    check_keys(metrics, field="metrics", required={"num_private", "val_auc"})
+    present_metrics = {str(k) for k in metrics.keys()}
+    check_keys(metrics, field="metrics", required={"num_private", "val_auc"} | (present_metrics & {"label_counts"}))
     num_private = as_integer(metrics["num_private"], field="metrics.num_private", low=0, high=MAX_PRIVATE)
+    label_counts = None
+    if "label_counts" in present_metrics:
+        label_counts = _label_counts(metrics["label_counts"], n_classes=n_classes, num_private=num_private)
     val_auc = as_number(metrics["val_auc"], field="metrics.val_auc")
     if not (0.0 <= val_auc <= 1.0 or val_auc == UNDEFINED_AUC):
         raise PayloadError(f"must be in [0, 1] (or -1: undefined), got {val_auc}", field="metrics.val_auc")
@@ -370,7 +422,20 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
     model = as_text(info["model"], field="hospital.model", max_len=64)
     privacy = as_text(info["privacy"], field="hospital.privacy")
     return Reply(hospital=name, model=model, privacy=privacy, outputs=values, num_private=num_private,
-                 val_auc=val_auc)
+                 val_auc=val_auc, mask=mask, density=density, label_counts=label_counts)
+
+
+def _label_counts(value: Any, *, n_classes: int, num_private: int) -> np.ndarray:
+    """C non-negative integers that sum to ``num_private``."""
+    field = "metrics.label_counts"
+    if not isinstance(value, list):
+        raise PayloadError(f"expected a list of {n_classes} integers, got {type(value).__name__}", field=field)
+    if len(value) != n_classes:
+        raise PayloadError(f"expected {n_classes} counts (one per class), got {len(value)}", field=field)
+    counts = np.asarray([as_integer(v, field=field, low=0, high=MAX_PRIVATE) for v in value], dtype=np.int64)
+    if int(counts.sum()) != num_private:
+        raise PayloadError(f"counts sum to {int(counts.sum())}, but metrics.num_private is {num_private}", field=field)
+    return counts
 
 
 def wire_bytes(message: Message) -> bytes:

@@ -5,7 +5,7 @@ The coordinator never configures a hospital. Each hospital reads
 ``node_config["policy"]`` names) and that file alone decides
 
 - where the hospital's data and folder are (``data``, ``share``, ``folder``);
-- how its teacher is trained (``teacher``);
+- how its teacher is trained (``teacher``) and when it abstains (``selector``);
 - which message kinds it answers (``answers``: teacher outputs always;
   FedAvg model weights only if it opted in, for baseline studies);
 - which output kinds, wire dtypes and temperatures it allows (``outputs``);
@@ -32,7 +32,7 @@ import yaml
 
 from common.atomic import atomic_write_text
 from common.config import (DEVICE_PATTERN, MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method, PartitionName,
-                           PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, TeacherConfig)
+                           PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, SelectorConfig, TeacherConfig)
 from common.errors import PolicyError
 from common.schema import build_dataclass, documented, reference_rows, to_plain
 
@@ -82,6 +82,7 @@ class HospitalPolicy:
     data: PolicyData = field(default_factory=PolicyData)
     share: PolicyShare = field(default_factory=PolicyShare)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
     answers: PolicyAnswers = field(default_factory=PolicyAnswers)
     outputs: PolicyOutputs = field(default_factory=PolicyOutputs)
     limits: PolicyLimits = field(default_factory=PolicyLimits)
@@ -184,7 +185,7 @@ def policy_from_experiment(cfg: ExperimentConfig, index: int, *, name: str) -> H
     teacher = replace(cfg.teacher, model=cfg.teacher_model(index), per_hospital={})
     return HospitalPolicy(hospital=name, folder=None, threads=max(1, int(cfg.federation.client_cpus)),
                           device=cfg.device, amp=cfg.amp, data=data,
-                          share=share, teacher=teacher, answers=answers, outputs=rules.outputs, limits=rules.limits)
+                          share=share, teacher=teacher, selector=cfg.selector, answers=answers, outputs=rules.outputs, limits=rules.limits)
 
 
 def write_policies(cfg: ExperimentConfig, hospitals_dir: Path) -> list[Path]:
@@ -215,7 +216,7 @@ def hospital_experiment(policy: HospitalPolicy) -> ExperimentConfig:
     federation = FederationConfig(hospitals=policy.share.hospitals, partition=policy.share.partition,
                                   alpha=policy.share.alpha, min_samples=policy.share.min_samples)
     return ExperimentConfig(seed=policy.share.seed, data=data, federation=federation, teacher=policy.teacher,
-                            device=policy.device, amp=policy.amp)
+                            selector=policy.selector, device=policy.device, amp=policy.amp)
 
 
 def policy_reference() -> list[tuple[str, str, str]]:

@@ -77,6 +77,19 @@ class FederatedSplit:
         return rows
 
 
+def class_warnings(name: str, counts: list[int], *, below: int) -> list[str]:
+    """Warnings about a hospital's label counts: a single class, or fewer than ``below`` examples of a class."""
+    present = [c for c, n in enumerate(counts) if n > 0]
+    if len(present) <= 1:
+        only = f"class {present[0]}" if present else "no samples"
+        return [f"hospital {name} holds a single class ({only}; counts {counts}): its teacher cannot tell classes "
+                "apart, only which samples resemble its data (consider selector.kind: density_ratio)"]
+    thin = [c for c, n in enumerate(counts) if n < below]
+    if thin:
+        return [f"hospital {name} has fewer than {below} examples of class(es) {thin} (counts {counts})"]
+    return []
+
+
 def hospital_name(index: int) -> str:
     """Display name of hospital ``index`` (``H0``, ``H1``, ...)."""
     return f"H{index}"

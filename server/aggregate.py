@@ -21,6 +21,25 @@ The aggregators, picked by name through :class:`Aggregator`:
     al., 2021), using each teacher's own normalised entropy.
 ``median``
     Coordinate-wise median, robust to a minority of outlier hospitals.
+``density``
+    The Bayes mixture ``p(y|x) = sum_h pi_h p_h(x) p_h(y|x) / sum_h pi_h p_h(x)``
+    with ``pi_h`` the private-set size and ``p_h(x)`` estimated by each
+    hospital's density ratio ``r_h(x) = p_h(x) / p_proxy(x)`` (sent per
+    sample by the ``density_ratio`` selector, see client/selector.py). A
+    hospital that saw one class is trusted on the samples that look like its
+    data, not on all of them: the client-side selector of Selective-FD (Shao
+    et al., Nature Communications 2024) used as a weight, not only a mask.
+``label_aware``
+    Per-class support weighting: hospital ``h``'s probability for class
+    ``c`` counts with weight ``n_hc / sum_h' n_h'c`` (its share of the
+    federation's examples of ``c``), from label counts the hospitals'
+    policies release.
+
+Every aggregator respects per-sample abstention masks ``(H, N)``: an
+abstaining hospital is left out of that sample's aggregate. A sample on
+which every hospital abstained is flagged by :func:`answered` so that the
+caller can drop it; :func:`normalised_entropy` serves the server-side
+selector that drops ambiguous aggregates.
 
 The maths is plain torch and never imports Flower, so it can be tested
 without a federation.
@@ -36,7 +55,7 @@ import torch
 
 from common.errors import PayloadError
 
-__all__ = ["Aggregator", "aggregate_outputs", "probs_from_logits"]
+__all__ = ["Aggregator", "aggregate_outputs", "answered", "normalised_entropy", "probs_from_logits"]
 
 #: Largest allowed ``|sum_c p_c - 1|`` for a row of ``probs``.
 SIMPLEX_TOLERANCE = 1e-3
@@ -53,6 +72,8 @@ class Aggregator(StrEnum):
     ERA = "era"
     CERTAINTY = "certainty"
     MEDIAN = "median"
+    DENSITY = "density"
+    LABEL_AWARE = "label_aware"
 
 
 def probs_from_logits(logits: torch.Tensor, *, temperature: float) -> torch.Tensor:
@@ -93,6 +114,9 @@ def aggregate_outputs(
     method: Aggregator | str,
     weights: torch.Tensor | None = None,
     era_temperature: float = 0.1,
+    mask: torch.Tensor | None = None,
+    density: torch.Tensor | None = None,
+    class_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fuse the hospitals' soft labels into one soft label per proxy sample.
 
@@ -113,6 +137,17 @@ def aggregate_outputs(
         Softmax temperature of ``"era"`` (> 0). It sharpens the mean only
         when small enough, roughly ``< 1 / C`` (see ``_era``); the DS-FL
         paper and public implementations use 0.1. Ignored otherwise.
+    mask : torch.Tensor or None
+        ``(H, N)`` bool: ``True`` where hospital ``h`` answered sample ``n``,
+        ``False`` where it abstained. None: everyone answered everything. A
+        sample nobody answered is aggregated over all hospitals (so the
+        result stays finite); drop it with :func:`answered`.
+    density : torch.Tensor or None
+        ``(H, N)`` non-negative density ratios for ``"density"`` (a
+        hospital without them counts with ratio 1). Needs ``weights`` too.
+    class_counts : torch.Tensor or None
+        ``(H, C)`` non-negative per-class counts for ``"label_aware"``;
+        required by it.
 
     Returns
     -------
@@ -136,115 +171,108 @@ def aggregate_outputs(
     # Compute in float64 so that 1e-6 epsilons and renormalisation are exact
     # enough; the result is handed back as float32.
     p = probs.to(torch.float64)
+    m = _check_mask(mask, shape=p.shape[:2], device=p.device)
 
     if aggregator is Aggregator.WEIGHTED:
-        fused = _weighted(p, weights=_check_weights(weights, num_hospitals=p.shape[0]))
+        w = _check_weights(weights, num_hospitals=p.shape[0]).to(p.device)
+        fused = _weighted_mean(p, m * w[:, None])
+    elif aggregator is Aggregator.DENSITY:
+        w = _check_weights(weights, num_hospitals=p.shape[0]).to(p.device)
+        r = _check_density(density, shape=p.shape[:2], device=p.device)
+        fused = _weighted_mean(p, m * w[:, None] * r)
+    elif aggregator is Aggregator.LABEL_AWARE:
+        fused = _label_aware(p, m, _check_counts(class_counts, shape=(p.shape[0], p.shape[2]), device=p.device))
     elif aggregator is Aggregator.ERA:
         if not (math.isfinite(era_temperature) and era_temperature > 0):
             raise ValueError(
                 f"era_temperature must be a finite number > 0, got {era_temperature}"
             )
-        fused = _era(p, temperature=era_temperature)
+        fused = torch.softmax(_weighted_mean(p, m) / era_temperature, dim=-1)
+    elif aggregator is Aggregator.CERTAINTY:
+        fused = _weighted_mean(p, m * _certainty_scores(p))
+    elif aggregator is Aggregator.MEDIAN:
+        fused = _median(p, m)
     else:
-        fused = _UNWEIGHTED[aggregator](p)
+        fused = _weighted_mean(p, m)
 
     # Inputs may sum to 1 only within the tolerance: make the output exact.
     fused = fused / fused.sum(dim=-1, keepdim=True)
     return fused.to(torch.float32)
 
 
-def _mean(p: torch.Tensor) -> torch.Tensor:
-    """Arithmetic mean over hospitals: ``(H, N, C) -> (N, C)``."""
-    return p.mean(dim=0)
+def answered(mask: torch.Tensor | None, num_samples: int) -> torch.Tensor:
+    """``(N,)`` bool: samples at least one hospital answered (all of them when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones(num_samples, dtype=torch.bool)
+    return mask.to(torch.bool).any(dim=0)
 
 
-def _weighted(p: torch.Tensor, *, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_h w_h p_h / sum_h w_h``: ``(H, N, C), (H,) -> (N, C)``."""
-    w = weights.to(device=p.device, dtype=p.dtype)
-    return torch.einsum("h,hnc->nc", w / w.sum(), p)
+def normalised_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """``(N, C) -> (N,)`` Shannon entropy divided by ``log C`` (0: one-hot, 1: uniform)."""
+    num_classes = probs.shape[-1]
+    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+    return entropy / (math.log(num_classes) if num_classes > 1 else 1.0)
 
 
-def _era(p: torch.Tensor, *, temperature: float) -> torch.Tensor:
-    """Entropy Reduction Aggregation: ``softmax(mean_h p_h / T)`` over classes.
+def _weighted_mean(p: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``sum_h w_hn p_hn / sum_h w_hn`` per sample: ``(H, N, C), (H, N) -> (N, C)``.
 
-    From Itahara et al., "Distillation-Based Semi-Supervised Federated
-    Learning for Communication-Efficient Collaborative Training with Non-IID
-    Private Data", IEEE Trans. Mobile Computing, 2021 (DS-FL): the server
-    averages the clients' softmax outputs and feeds the average, as if it
-    were logits, to a softmax at temperature ``T``. Public implementations
-    agree, e.g. the DS-FL server of AIJack (Koukyosyumei/AIJack) and the
-    DS-FL example of BlazeFL (kitsuyaazuma/BlazeFL) both compute
-    ``F.softmax(mean_soft_labels / era_temperature)`` with a default
-    ``era_temperature = 0.1``.
-
-    Because the average lies in ``[0, 1]``, the softmax does not always
-    sharpen it: ``T = 1`` *flattens* it (one-hot ``(1, 0)`` becomes
-    ``(0.73, 0.27)``), and near the uniform distribution ERA sharpens only
-    when ``T < 1 / C`` (to first order ``softmax(m / T)_c - 1/C`` is
-    ``(m_c - 1/C) / (C T)``). So ``T < 1`` is necessary, not sufficient:
-    with ``C = 2``, ``T = 0.5`` maps ``(0.6, 0.4)`` to ``(0.599, 0.401)``.
-    DS-FL's ``T = 0.1`` sharpens for up to 10 classes.
-
-    ``(H, N, C) -> (N, C)``.
+    A sample whose weights are all zero (everyone abstained, or zero density
+    everywhere) falls back to the plain mean, so the result stays finite.
     """
-    return torch.softmax(p.mean(dim=0) / temperature, dim=-1)
+    total = w.sum(dim=0)  # (N,)
+    fallback = total <= 0
+    if fallback.any():
+        w = torch.where(fallback[None, :], torch.ones_like(w), w)
+        total = w.sum(dim=0)
+    return torch.einsum("hn,hnc->nc", w, p) / total[:, None]
 
 
-def _certainty(p: torch.Tensor) -> torch.Tensor:
-    """Weight each hospital's soft label, per sample, by its certainty.
+def _label_aware(p: torch.Tensor, m: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``p(c|x) ∝ sum_h m_hn s_hc p_h(c|x)`` with ``s_hc = n_hc / sum_h' n_h'c`` (uniform where nobody has c)."""
+    total = counts.sum(dim=0, keepdim=True)  # (1, C)
+    support = torch.where(total > 0, counts / total.clamp(min=1e-12), torch.full_like(counts, 1.0 / counts.shape[0]))
+    fused = torch.einsum("hn,hc,hnc->nc", m, support, p)
+    row = fused.sum(dim=-1, keepdim=True)
+    return torch.where(row > 0, fused / row.clamp(min=1e-300), _weighted_mean(p, m))
 
-    A FedAUX-style variant (Sattler et al., "FedAUX: Leveraging Unlabeled
-    Auxiliary Data in Federated Learning", IEEE TNNLS 2021): FedAUX weights
-    each client's soft label on each sample by a certainty score from an
-    auxiliary scoring model trained on the client's data; here, instead, the
-    score is the teacher's own confidence,
 
-    ``c_hi = 1 - H(p_hi) / log(C) + 1e-6``,
+def _certainty_scores(p: torch.Tensor) -> torch.Tensor:
+    """FedAUX-style per-sample certainty of each hospital, ``(H, N, C) -> (H, N)``.
 
-    with ``H`` the Shannon entropy (``0 log 0 = 0``), so a one-hot answer
-    scores 1 and a uniform one scores only the epsilon, which keeps
-    all-uniform inputs averaging to the mean. The result is
-    ``sum_h c_hi p_hi / sum_h c_hi``.
-
-    ``(H, N, C) -> (N, C)``.
+    In the spirit of FedAUX (Sattler et al., "FedAUX: Leveraging Unlabeled
+    Auxiliary Data in Federated Learning", IEEE TNNLS 2021), which weights
+    each client's soft label by a certainty score from an auxiliary model;
+    here the score is the teacher's own confidence,
+    ``c_hi = 1 - H(p_hi) / log(C) + 1e-6``, so a one-hot answer scores 1
+    and a uniform one only the epsilon (all-uniform inputs still average to
+    the mean).
     """
-    num_classes = p.shape[-1]
-    entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # (H, N)
-    # With C = 1 every row is (1,) and its entropy 0: any positive scale works.
-    max_entropy = math.log(num_classes) if num_classes > 1 else 1.0
-    certainty = (1.0 - entropy / max_entropy).clamp(min=0.0) + CERTAINTY_EPSILON
-    return (certainty.unsqueeze(-1) * p).sum(dim=0) / certainty.sum(dim=0).unsqueeze(-1)
+    return (1.0 - normalised_entropy(p)).clamp(min=0.0) + CERTAINTY_EPSILON
 
 
-def _median(p: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median over hospitals, renormalised per row.
+def _median(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median over the hospitals that answered each sample, renormalised per row.
 
-    For even ``H`` the median is the mean of the two middle values (as
-    ``torch.quantile(p, 0.5, dim=0)``; ``torch.median`` would return the
-    lower one). Sorting is used instead of ``torch.quantile``, which refuses
-    large inputs. Rows whose medians are all 0 (for example one-hot answers
-    that all disagree) fall back to the mean for that row.
+    For an even count the median is the mean of the two middle values (as
+    ``torch.quantile(p, 0.5, dim=0)``). Abstentions sort last (as +inf) and
+    the middle is taken among the answers only. Rows whose medians are all
+    0 (for example one-hot answers that all disagree) fall back to the mean.
 
-    ``(H, N, C) -> (N, C)``.
+    ``(H, N, C), (H, N) -> (N, C)``.
     """
-    num_hospitals = p.shape[0]
-    ordered = p.sort(dim=0).values
-    middle = num_hospitals // 2
-    if num_hospitals % 2 == 1:
-        med = ordered[middle]
-    else:
-        med = 0.5 * (ordered[middle - 1] + ordered[middle])
-    row_sum = med.sum(dim=-1, keepdim=True)  # (N, 1)
+    answered_any = m.sum(dim=0) > 0
+    m = torch.where(answered_any[None, :], m, torch.ones_like(m))
+    count = m.sum(dim=0).long()  # (N,)
+    masked = torch.where(m[..., None] > 0, p, torch.full_like(p, math.inf))
+    ordered = masked.sort(dim=0).values  # (H, N, C)
+    lower = ((count - 1) // 2)[None, :, None].expand(1, *p.shape[1:])
+    upper = (count // 2)[None, :, None].expand(1, *p.shape[1:])
+    med = 0.5 * (ordered.gather(0, lower) + ordered.gather(0, upper))[0]
+    row_sum = med.sum(dim=-1, keepdim=True)
     has_mass = row_sum > 0
     renormalised = med / torch.where(has_mass, row_sum, torch.ones_like(row_sum))
-    return torch.where(has_mass, renormalised, p.mean(dim=0))
-
-
-_UNWEIGHTED: dict[Aggregator, Callable[[torch.Tensor], torch.Tensor]] = {
-    Aggregator.MEAN: _mean,
-    Aggregator.CERTAINTY: _certainty,
-    Aggregator.MEDIAN: _median,
-}
+    return torch.where(has_mass, renormalised, _weighted_mean(p, m))
 
 
 def _valid_names() -> str:
@@ -299,6 +327,41 @@ def _check_probs(probs: torch.Tensor) -> None:
             f"probs rows must sum to 1 within {SIMPLEX_TOLERANCE:g} "
             f"(hospitals {_hospitals_where(off_simplex)}); send probabilities, not logits"
         )
+
+
+def _check_mask(mask: torch.Tensor | None, *, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(H, N)`` float64 0/1 weights from a bool mask (all ones when None)."""
+    if mask is None:
+        return torch.ones(shape, dtype=torch.float64, device=device)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+        raise PayloadError(f"mask must be a tensor of shape {tuple(shape)} (hospitals, samples), got "
+                           f"{tuple(getattr(mask, 'shape', ()))}")
+    return mask.to(device=device, dtype=torch.bool).to(torch.float64)
+
+
+def _check_density(density: torch.Tensor | None, *, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(H, N)`` finite, non-negative density ratios as float64 (all ones when None)."""
+    if density is None:
+        return torch.ones(shape, dtype=torch.float64, device=device)
+    r = torch.as_tensor(density, dtype=torch.float64, device=device)
+    if tuple(r.shape) != tuple(shape):
+        raise PayloadError(f"density must have shape {tuple(shape)}, got {tuple(r.shape)}")
+    bad = ~torch.isfinite(r) | (r < 0)
+    if bad.any():
+        raise PayloadError(f"density ratios must be finite and >= 0 (hospitals {_hospitals_where(bad)})")
+    return r
+
+
+def _check_counts(counts: torch.Tensor | None, *, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """``(H, C)`` finite, non-negative class counts as float64."""
+    if counts is None:
+        raise PayloadError("method 'label_aware' needs class_counts of shape (H, C); got None")
+    c = torch.as_tensor(counts, dtype=torch.float64, device=device)
+    if tuple(c.shape) != tuple(shape):
+        raise PayloadError(f"class_counts must have shape {tuple(shape)}, got {tuple(c.shape)}")
+    if not torch.isfinite(c).all() or (c < 0).any():
+        raise PayloadError("class_counts must be finite and >= 0")
+    return c
 
 
 def _check_weights(weights: torch.Tensor | None, *, num_hospitals: int) -> torch.Tensor:

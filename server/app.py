@@ -5,9 +5,13 @@ One FedKD round (see docs/architecture.md):
 1. take the next ``distill.proxy_batch`` proxy indices (a seeded permutation, cycled);
 2. send one ``query.logits`` message per hospital and collect replies with a timeout;
 3. validate each reply (server/collect.py) and reject bad ones with a logged reason;
-4. if a quorum of valid replies remains, aggregate them (server/aggregate.py)
-   into the soft-label bank and distil the bank into the student (server/distill.py);
-5. evaluate on the test split, write metrics.json and the checkpoint atomically.
+4. if a quorum of valid replies remains, aggregate them (server/aggregate.py), respecting each
+   hospital's abstentions, drop samples nobody answered or whose aggregate is too ambiguous
+   (``distill.max_entropy``), put the rest in the soft-label bank and distil the bank into the
+   student (server/distill.py);
+5. evaluate on the *validation* split and snapshot the student (server/selection.py), write
+   metrics.json and the checkpoint atomically. After the last round (or ``early_stop_rounds``)
+   the best round by validation AUC is selected and the test split is read once.
 
 ``method: fedavg`` runs the FedAvg baseline instead (server/fedavg.py).
 """
@@ -24,21 +28,22 @@ import torch
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import ExperimentConfig, Method, OutputKind
+from common.config import AggregatorName, ExperimentConfig, Method, OutputKind
 from common.errors import MedkdError
 from common.device import place_model, resolve_device
 from common.models import build_model
 from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content
 from common.runconfig import config_from_run_config, out_dir_from_run_config
-from common.split import make_split, tensors
+from common.split import class_warnings, make_split, tensors
 from common.training import seed_everything
-from server.aggregate import aggregate_outputs, probs_from_logits
+from server.aggregate import aggregate_outputs, answered, normalised_entropy, probs_from_logits
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.collect import collect_replies
 from server.distill import distill_student
-from server.evaluate import evaluate_on_test, test_tensors, write_metrics
+from server.evaluate import write_metrics
 from server.identity import node_identities
 from server.metering import MeteredGrid, by_name
+from server.selection import RoundSelection, score
 
 logger = logging.getLogger(__name__)
 
@@ -92,15 +97,54 @@ def next_proxy_batch(*, n_proxy: int, batch: int, cursor: int, seed: int) -> tup
     return np.sort(np.asarray(take, dtype=np.int64)), (cursor + batch) % n_proxy
 
 
-def update_bank(state: ServerState, indices: np.ndarray, probs: torch.Tensor) -> None:
-    """Insert (or refresh) soft labels for ``indices`` in the bank. probs: (N, C)."""
+def update_bank(state: ServerState, indices: np.ndarray, probs: torch.Tensor,
+                dropped: np.ndarray | None = None) -> None:
+    """Insert (or refresh) soft labels for ``indices`` in the bank, and forget ``dropped`` ones. probs: (N, C)."""
     idx = torch.as_tensor(indices, dtype=torch.int64)
     if state.bank_indices.numel() == 0:
         state.bank_indices, state.bank_probs = idx.clone(), probs.clone()
         return
-    keep = ~torch.isin(state.bank_indices, idx)
+    gone = idx if dropped is None or len(dropped) == 0 else torch.cat([idx, torch.as_tensor(dropped,
+                                                                                           dtype=torch.int64)])
+    keep = ~torch.isin(state.bank_indices, gone)
     state.bank_indices = torch.cat([state.bank_indices[keep], idx])
     state.bank_probs = torch.cat([state.bank_probs[keep], probs])
+
+
+def fuse_replies(accepted: list[Any], cfg: ExperimentConfig, indices: np.ndarray,
+                 n_classes: int) -> tuple[np.ndarray, torch.Tensor, dict[str, int]]:
+    """Aggregate accepted replies into (kept indices, soft labels (M, C), counts of dropped samples).
+
+    Abstentions are respected; samples nobody answered, or whose aggregate's
+    normalised entropy exceeds ``distill.max_entropy``, are dropped.
+    """
+    outputs = torch.stack([torch.from_numpy(r.outputs) for r in accepted])  # (H, N, C)
+    if cfg.query.output == OutputKind.LOGITS:
+        outputs = probs_from_logits(outputs, temperature=cfg.distill.temperature)
+    n = outputs.shape[1]
+    mask = None
+    if any(r.mask is not None for r in accepted):
+        mask = torch.stack([torch.from_numpy(r.mask) if r.mask is not None else torch.ones(n, dtype=torch.bool)
+                            for r in accepted])
+    density = None
+    if any(r.density is not None for r in accepted):
+        density = torch.stack([torch.from_numpy(r.density) if r.density is not None else torch.ones(n)
+                               for r in accepted])
+    counts = None
+    if cfg.aggregator == AggregatorName.LABEL_AWARE:
+        counts = torch.stack([torch.as_tensor(r.label_counts, dtype=torch.float64) if r.label_counts is not None
+                              else torch.full((n_classes,), r.num_private / n_classes, dtype=torch.float64)
+                              for r in accepted])
+    weights = torch.tensor([float(r.num_private) for r in accepted])
+    fused = aggregate_outputs(outputs, method=cfg.aggregator, weights=weights, mask=mask, density=density,
+                              class_counts=counts, era_temperature=cfg.distill.era_temperature)
+    keep = answered(mask, n)
+    nobody = int((~keep).sum())
+    ambiguous = keep & (normalised_entropy(fused.double()) > cfg.distill.max_entropy)
+    keep &= ~ambiguous
+    keep_np = keep.numpy()
+    return indices[keep_np], fused[keep], {"nobody_answered": nobody, "ambiguous": int(ambiguous.sum()),
+                                           "dropped_indices": indices[~keep_np]}
 
 
 def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
@@ -109,15 +153,15 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
     split = make_split(cfg)
     spec = split.model_spec()
     proxy_images, proxy_labels = tensors(split.proxy, spatial_dims=split.data.spatial_dims)
-    test = test_tensors(cfg, split)
+    selection = RoundSelection(out_dir, cfg, split)
     gen = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     student = place_model(build_model(cfg.student.model, spec), device)
     optimizer = torch.optim.Adam(student.parameters(), lr=cfg.distill.lr, weight_decay=cfg.distill.weight_decay)
     state = load_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer) or ServerState()
-    if state.round >= cfg.rounds and state.history:
-        logger.info("all %d rounds already done in %s", cfg.rounds, out_dir)
-        return _finish(out_dir, cfg, state)
+    if state.history and (state.round >= cfg.rounds or state.history[-1].get("early_stop")):
+        logger.info("all rounds already done in %s", out_dir)
+        return _finish(out_dir, cfg, state, student, selection)
     if state.round > 0:
         gen.manual_seed(cfg.seed * 100003 + state.round)
 
@@ -126,13 +170,14 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
     nodes = wait_for_nodes(grid, wanted=cfg.federation.hospitals, quorum=quorum,
                            timeout_s=cfg.federation.wait_for_nodes_s)
     n_classes = split.data.n_classes
-    final: dict[str, Any] = {}
+    warned: set[str] = set()
     for rnd in range(state.round + 1, cfg.rounds + 1):
         start = time.perf_counter()
         indices, cursor = next_proxy_batch(n_proxy=proxy_images.shape[0], batch=cfg.distill.proxy_batch,
                                            cursor=state.cursor, seed=cfg.seed)
         query = Query(round=rnd, proxy_hash=split.proxy_hash, indices=indices, temperature=cfg.distill.temperature,
-                      output=cfg.query.output, dtype=cfg.query.dtype)
+                      output=cfg.query.output, dtype=cfg.query.dtype,
+                      label_counts=cfg.aggregator == AggregatorName.LABEL_AWARE)
         nodes = sorted(grid.get_node_ids()) or nodes
         names = node_identities(grid)  # identity by node, never by what a reply writes
         logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
@@ -145,53 +190,79 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         traffic = metered.take()
         result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
                                  n_samples=len(indices), n_classes=n_classes, query=cfg.query)
-        loss = None
+        loss, dropped = None, {"nobody_answered": 0, "ambiguous": 0}
         if len(result.accepted) >= quorum:
-            outputs = torch.stack([torch.from_numpy(r.outputs) for r in result.accepted])  # (H, N, C)
-            if cfg.query.output == OutputKind.LOGITS:
-                outputs = probs_from_logits(outputs, temperature=cfg.distill.temperature)
-            weights = torch.tensor([float(r.num_private) for r in result.accepted])
-            aggregated = aggregate_outputs(outputs, method=cfg.aggregator, weights=weights,
-                                           era_temperature=cfg.distill.era_temperature)
-            update_bank(state, indices, aggregated)
-            bank_pos = state.bank_indices
-            loss = distill_student(student=student, optimizer=optimizer, images=proxy_images[bank_pos],
-                                   target_probs=state.bank_probs, cfg=cfg.distill, gen=gen,
-                                   labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None,
-                                   amp=cfg.amp)
+            _warn_label_counts(result.accepted, cfg, warned)
+            kept, aggregated, dropped = fuse_replies(result.accepted, cfg, indices, n_classes)
+            update_bank(state, kept, aggregated, dropped=dropped.pop("dropped_indices"))
+            if state.bank_indices.numel() >= 2:
+                bank_pos = state.bank_indices
+                loss = distill_student(student=student, optimizer=optimizer, images=proxy_images[bank_pos],
+                                       target_probs=state.bank_probs, cfg=cfg.distill, gen=gen,
+                                       labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None,
+                                       amp=cfg.amp)
         else:
             logger.warning("round %d: %d valid replies, below the quorum of %d; the student is not updated",
                            rnd, len(result.accepted), quorum)
-        evaluation = evaluate_on_test(student, test, amp=cfg.amp)
+        validation = selection.record(rnd, student)
         seconds = time.perf_counter() - start
         state.round, state.cursor, state.seconds = rnd, cursor, state.seconds + seconds
         state.history.append({
-            "round": rnd, "test_auc": evaluation.auc, "test_acc": evaluation.acc,
+            "round": rnd, "val_auc": validation.auc, "val_acc": validation.acc, "val_score": score(validation),
+            "test_auc": None, "test_acc": None,
             "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
             "reply_sha256": by_name(traffic.reply_sha256, names),
             "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
             "rejected": result.rejected, "seconds": seconds, "distill_loss": loss,
             "proxy_samples_labelled": int(state.bank_indices.numel()),
+            "abstentions": _abstentions(result.accepted), "samples_dropped": dropped,
         })
-        final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value,
-                 "seconds": state.seconds, "per_class_auc": evaluation.per_class_auc,
-                 "per_class_acc": evaluation.per_class_acc}
+        stop = selection.should_stop(state.history)
+        if stop:
+            state.history[-1]["early_stop"] = True
         save_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer, state=state)
-        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final if rnd == cfg.rounds else None,
-                      extra=_teacher_table(result.accepted))
-        logger.info("round %d/%d: test AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s",
-                    rnd, cfg.rounds, evaluation.auc, evaluation.acc, len(result.accepted), len(nodes),
+        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=None, extra=_teacher_table(result.accepted))
+        logger.info("round %d/%d: val AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s",
+                    rnd, cfg.rounds, validation.auc, validation.acc, len(result.accepted), len(nodes),
                     _mean_bytes(traffic.bytes_up), seconds)
-    return final or _finish(out_dir, cfg, state)
+        if stop:
+            logger.info("round %d: no validation improvement for %d rounds; stopping early", rnd,
+                        cfg.early_stop_rounds)
+            break
+    return _finish(out_dir, cfg, state, student, selection)
 
 
-def _finish(out_dir: Path, cfg: ExperimentConfig, state: ServerState) -> dict[str, Any]:
-    """Final block from the last recorded round (a resumed run with nothing left to do)."""
-    last = state.history[-1]
-    final = {"test_auc": last["test_auc"], "test_acc": last["test_acc"], "method": cfg.method.value,
-             "seconds": state.seconds}
-    write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final)
+def _finish(out_dir: Path, cfg: ExperimentConfig, state: ServerState, student: torch.nn.Module,
+            selection: RoundSelection) -> dict[str, Any]:
+    """Select the best round on validation, read the test split once, write the final metrics."""
+    final = selection.finish(student, state.history, method=cfg.method.value, seconds=state.seconds)
+    write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final, extra=_previous_extra(out_dir))
     return final
+
+
+def _previous_extra(out_dir: Path) -> dict[str, Any]:
+    """The teacher table of the metrics written so far (kept in the final metrics)."""
+    import json
+
+    try:
+        return {"teachers": json.loads((out_dir / "metrics.json").read_text())["teachers"]}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _abstentions(accepted: list[Any]) -> dict[str, int]:
+    """Per hospital, how many queried samples it abstained on (only hospitals that sent a mask)."""
+    return {r.hospital: int((~r.mask).sum()) for r in accepted if r.mask is not None}
+
+
+def _warn_label_counts(accepted: list[Any], cfg: ExperimentConfig, warned: set[str]) -> None:
+    """Warn once per hospital, by name, about single-class or thin classes in the label counts it released."""
+    for r in accepted:
+        if r.label_counts is None or r.hospital in warned:
+            continue
+        warned.add(r.hospital)
+        for text in class_warnings(r.hospital, r.label_counts.tolist(), below=cfg.federation.warn_class_below):
+            logger.warning("%s (from the label counts it released)", text)
 
 
 def _mean_bytes(counts: dict[int, int]) -> str:

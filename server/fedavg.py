@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -31,9 +31,10 @@ from common.payload import as_integer, check_keys, check_records, decode_weights
 from common.split import make_split
 from server.app import wait_for_nodes
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
-from server.evaluate import evaluate_on_test, test_tensors, write_metrics
+from server.evaluate import write_metrics
 from server.identity import node_identities
 from server.metering import MeteredGrid, by_name
+from server.selection import RoundSelection, score
 
 logger = logging.getLogger(__name__)
 
@@ -89,23 +90,40 @@ class CheckedFedAvg(FedAvg):
         if not good:
             logger.warning("round %d: no valid FedAvg replies; the student is not updated", server_round)
             return None, None
-        return super().aggregate_train(server_round, good)
+        arrays, metrics = super().aggregate_train(server_round, good)
+        return (None if arrays is None else restore_dtypes(arrays, self._reference)), metrics
+
+
+def restore_dtypes(arrays: ArrayRecord, reference: dict[str, np.ndarray]) -> ArrayRecord:
+    """Give averaged weights back the student's dtypes.
+
+    Flower's weighted average turns every array into float64, integer
+    buffers such as BatchNorm's ``num_batches_tracked`` included; the
+    hospitals rightly reject a float64 ``num_batches_tracked`` next round.
+    Integer buffers are rounded back to their integer dtype.
+    """
+    fixed: dict[str, Array] = {}
+    for name, array in arrays.items():
+        value, want = array.numpy(), reference[name].dtype
+        if value.dtype != want:
+            value = np.rint(value).astype(want) if np.issubdtype(want, np.integer) else value.astype(want)
+        fixed[name] = Array(np.array(value, dtype=want, order="C"))  # np.array keeps 0-d buffers 0-d
+    return ArrayRecord(fixed)
 
 
 def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
     """Train the student with FedAvg for ``cfg.rounds`` rounds; evaluate centrally after each."""
     out_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(cfg)
-    test = test_tensors(cfg, split)
+    selection = RoundSelection(out_dir, cfg, split)
     torch.manual_seed(cfg.seed)
     student = place_model(build_model(cfg.student.model, split.model_spec()), resolve_device(cfg.device))
     state = load_checkpoint(out_dir, cfg=cfg, student=student, optimizer=None) or ServerState()
     offset = state.round
     remaining = cfg.rounds - offset
-    final: dict[str, Any] = {}
-    if remaining <= 0:
-        logger.info("all %d rounds already done in %s", cfg.rounds, out_dir)
-        return state.history[-1] if state.history else {}
+    if state.history and (remaining <= 0 or state.history[-1].get("early_stop")):
+        logger.info("all rounds already done in %s", out_dir)
+        return _finish(out_dir, cfg, state, student, selection)
     nodes = wait_for_nodes(grid, wanted=cfg.federation.hospitals, quorum=cfg.quorum(),
                            timeout_s=cfg.federation.wait_for_nodes_s)
     names = node_identities(grid)
@@ -119,31 +137,42 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
         if server_round == 0:
             return None
         rnd = offset + server_round
+        if state.history and state.history[-1].get("early_stop"):
+            return None  # Flower's strategy runs its rounds; after an early stop they are not recorded
         student.load_state_dict(arrays.to_torch_state_dict())
-        evaluation = evaluate_on_test(student, test, amp=cfg.amp)
+        evaluation = selection.record(rnd, student)
         traffic = metered.take()
         rejected, strategy.rejected = strategy.rejected, {}
         seconds = time.perf_counter() - clock["start"]
         clock["start"] = time.perf_counter()
         state.round, state.seconds = rnd, state.seconds + seconds
         state.history.append({
-            "round": rnd, "test_auc": evaluation.auc, "test_acc": evaluation.acc,
-            "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
+            "round": rnd, "val_auc": evaluation.auc, "val_acc": evaluation.acc, "val_score": score(evaluation),
+            "test_auc": None, "test_acc": None, "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
             "reply_sha256": by_name(traffic.reply_sha256, names),
             "replies_ok": traffic.replies_with_content + traffic.replies_with_error - len(rejected),
             "replies_rejected": len(rejected), "rejected": rejected, "seconds": seconds,
         })
-        final.update({"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value,
-                      "seconds": state.seconds, "per_class_auc": evaluation.per_class_auc,
-                      "per_class_acc": evaluation.per_class_acc})
+        if selection.should_stop(state.history):
+            state.history[-1]["early_stop"] = True
+            logger.info("round %d: no validation improvement for %d rounds; later rounds are not recorded", rnd,
+                        cfg.early_stop_rounds)
         save_checkpoint(out_dir, cfg=cfg, student=student, optimizer=None, state=state)
-        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final if rnd == cfg.rounds else None)
-        logger.info("round %d/%d: test AUC %.4f acc %.4f | %d/%d replies ok | %.1f s", rnd, cfg.rounds,
+        write_metrics(out_dir, cfg=cfg, rounds=state.history, final=None)
+        logger.info("round %d/%d: val AUC %.4f acc %.4f | %d/%d replies ok | %.1f s", rnd, cfg.rounds,
                     evaluation.auc, evaluation.acc, state.history[-1]["replies_ok"], k, seconds)
-        return MetricRecord({"test_auc": evaluation.auc, "test_acc": evaluation.acc})
+        return MetricRecord({"val_auc": evaluation.auc, "val_acc": evaluation.acc})
 
     train_config = ConfigRecord({"lr": cfg.fedavg.lr, "local-epochs": cfg.fedavg.local_epochs,
                                  "batch-size": cfg.fedavg.batch_size, "student-model": cfg.student.model})
     strategy.start(grid=metered, initial_arrays=ArrayRecord(state_dict_on_cpu(student)), num_rounds=remaining,
                    timeout=cfg.federation.reply_timeout_s, train_config=train_config, evaluate_fn=evaluate_fn)
+    return _finish(out_dir, cfg, state, student, selection)
+
+
+def _finish(out_dir: Path, cfg: ExperimentConfig, state: ServerState, student: torch.nn.Module,
+            selection: RoundSelection) -> dict[str, Any]:
+    """Select the best round on validation, read the test split once, write the final metrics."""
+    final = selection.finish(student, state.history, method=cfg.method.value, seconds=state.seconds)
+    write_metrics(out_dir, cfg=cfg, rounds=state.history, final=final)
     return final

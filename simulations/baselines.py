@@ -2,8 +2,11 @@
 
 ``centralized``: the student architecture trained on the union of the
 hospitals' private data (what pooling would give; the upper reference).
-``local``: each hospital's own teacher evaluated alone on the test split
-(the same teachers FedKD queries, loaded from the same hospital folders).
+``local``: each hospital's own teacher evaluated alone (the same teachers
+FedKD queries, loaded from the same hospital folders); the "best hospital"
+is chosen on the coordinator's validation split, never on test.
+
+Both read the test split once, after every choice was made.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from common.device import place_model, resolve_device
 from common.models import build_model
 from common.split import hospital_name, local_train_val, make_split, tensors
 from common.training import train_supervised
+from common.training import evaluate_model
 from server.evaluate import evaluate_on_test, test_tensors, write_metrics
+from server.selection import score, validation_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +38,6 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
     """Train the student on all hospitals' private data pooled; early stopping on their pooled local validation."""
     out_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(cfg)
-    test = test_tensors(cfg, split)
     train_x, train_y, val_x, val_y = [], [], [], []
     for h in range(cfg.federation.hospitals):
         private = split.hospital(h)
@@ -53,39 +57,49 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=cfg.seed,
         class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ", amp=cfg.amp,
     )
-    evaluation = evaluate_on_test(student, test, amp=cfg.amp)
+    validation = evaluate_model(student, *validation_tensors(cfg, split), amp=cfg.amp)
+    evaluation = evaluate_on_test(student, test_tensors(cfg, split), amp=cfg.amp)  # the test split, read once
     seconds = time.perf_counter() - start
     atomic_torch_save(out_dir / "student.pt", {"model": cfg.student.model, "state_dict": student.state_dict()})
-    final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "method": cfg.method.value, "seconds": seconds,
+    final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "val_auc": validation.auc,
+             "method": cfg.method.value, "seconds": seconds,
              "per_class_auc": evaluation.per_class_auc, "per_class_acc": evaluation.per_class_acc,
              "best_epoch": result.best_epoch, "epochs_run": result.epochs_run}
-    rounds = [{"round": 1, "test_auc": evaluation.auc, "test_acc": evaluation.acc, "bytes_up": {}, "bytes_down": {},
-               "replies_ok": 0, "replies_rejected": 0, "seconds": seconds}]
+    rounds = [{"round": 1, "val_auc": validation.auc, "val_acc": validation.acc, "test_auc": evaluation.auc,
+               "test_acc": evaluation.acc, "bytes_up": {}, "bytes_down": {}, "replies_ok": 0, "replies_rejected": 0,
+               "seconds": seconds}]
     write_metrics(out_dir, cfg=cfg, rounds=rounds, final=final)
     return final
 
 
 def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict[str, Any]:
-    """Evaluate each hospital's teacher alone on the test split; final AUC is the mean over hospitals."""
+    """Evaluate each hospital's teacher alone; the best hospital is picked on validation, then test is read once."""
     out_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(cfg)
-    test = test_tensors(cfg, split)
+    val = validation_tensors(cfg, split)
     start = time.perf_counter()
-    rows = []
+    rows, teachers = [], []
     for h in range(cfg.federation.hospitals):
         teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=h,
                                               hospital_dir=hospitals_dir / hospital_name(h))
-        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp)
+        validation = evaluate_model(teacher, *val, amp=cfg.amp)
+        teachers.append(teacher)
         rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
-                     "local_val_auc": info.val_auc, "test_auc": evaluation.auc, "test_acc": evaluation.acc})
-        logger.info("local %s: test AUC %.4f acc %.4f (%d private samples)", info.hospital, evaluation.auc,
-                    evaluation.acc, info.num_private)
+                     "local_val_auc": info.val_auc, "val_auc": validation.auc, "val_score": score(validation)})
+    best_index = max(range(len(rows)), key=lambda i: (rows[i]["val_score"], -i))
+    test = test_tensors(cfg, split)  # every choice is made: read the test split, once
+    for row, teacher in zip(rows, teachers):
+        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp)
+        row.update(test_auc=evaluation.auc, test_acc=evaluation.acc)
+        logger.info("local %s: val AUC %.4f, test AUC %.4f acc %.4f (%d private samples)", row["hospital"],
+                    row["val_auc"], evaluation.auc, evaluation.acc, row["num_private"])
     seconds = time.perf_counter() - start
     aucs = [r["test_auc"] for r in rows if not math.isnan(r["test_auc"])]
-    best = max(rows, key=lambda r: r["test_auc"])
+    best = rows[best_index]
     final = {"test_auc": float(np.mean(aucs)), "test_acc": float(np.mean([r["test_acc"] for r in rows])),
              "method": cfg.method.value, "seconds": seconds, "best_test_auc": best["test_auc"],
-             "best_hospital": best["hospital"]}
+             "best_val_auc": best["val_auc"], "best_hospital": best["hospital"],
+             "selection": "best hospital by validation AUC (official val split); test read once at the end"}
     rounds = [{"round": 1, "test_auc": final["test_auc"], "test_acc": final["test_acc"], "bytes_up": {},
                "bytes_down": {}, "replies_ok": 0, "replies_rejected": 0, "seconds": seconds}]
     write_metrics(out_dir, cfg=cfg, rounds=rounds, final=final, extra={"local": rows})

@@ -2,6 +2,7 @@
 
 ``medkd simulate [--config FILE] [--method M] [--set k=v ...] [--out DIR]``
 ``medkd policies [--config FILE] [--set k=v ...] --hospitals-dir DIR``
+``medkd bench [--methods NAME ...] [--partitions P ...] [--seeds S ...] [--out DIR] ...`` (see simulations/bench.py)
 
 Exit codes: 0 success, 2 invalid config or arguments, 1 any other medkd error.
 """
@@ -43,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="override config keys, as for simulate")
     pol.add_argument("--hospitals-dir", type=Path, required=True,
                      help="where H<i>/policy.yaml are written; point $MEDKD_HOSPITALS here for `flwr run .`")
+    bench = sub.add_parser("bench", add_help=False,
+                           help="benchmark grid: variants x partitions x seeds (`medkd bench --help`)")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of simulations.bench")
     return parser
 
 
@@ -84,25 +88,36 @@ def _print_result(out_dir: Path) -> None:
 
     doc = json.loads((out_dir / "metrics.json").read_text())
     console = Console()
+    selected = doc["final"].get("selected_round")
     if len(doc["rounds"]) > 1 or doc["method"] in ("fedkd", "fedavg"):
         table = Table(title=f"{doc['method']} rounds")
-        for col in ("round", "test AUC", "test acc", "up B/hospital", "down B/hospital", "ok", "rejected", "s"):
+        for col in ("round", "val AUC", "test AUC", "test acc", "up B/hospital", "down B/hospital", "ok", "rejected",
+                    "s"):
             table.add_column(col, justify="right")
         for r in doc["rounds"]:
             up = r["bytes_up"].values() or [0]
             down = r["bytes_down"].values() or [0]
-            table.add_row(str(r["round"]), f"{r['test_auc']:.4f}", f"{r['test_acc']:.4f}",
+            mark = " *" if r["round"] == selected else ""
+            table.add_row(f"{r['round']}{mark}", _figure(r.get("val_auc")), _figure(r.get("test_auc")),
+                          _figure(r.get("test_acc")),
                           f"{sum(up) / len(up):,.0f}", f"{sum(down) / len(down):,.0f}", str(r["replies_ok"]),
                           str(r["replies_rejected"]), f"{r['seconds']:.1f}")
         console.print(table)
     final = doc["final"]
     extra = ""
     if doc["method"] == "local":
-        extra = f" (mean over hospitals; best {final['best_hospital']} {final['best_test_auc']:.4f})"
+        extra = (f" (mean over hospitals; best by validation: {final['best_hospital']}, test AUC "
+                 f"{final['best_test_auc']:.4f})")
+    elif selected is not None:
+        extra = f" (round {selected} of {len(doc['rounds'])}, chosen by validation AUC {final['val_auc']:.4f})"
     console.print(f"[bold]final student test AUC {final['test_auc']:.4f}[/bold], accuracy {final['test_acc']:.4f}"
                   f"{extra} — method {doc['method']}, {final['seconds']:.0f} s")
     console.print(f"privacy: {doc['privacy']}")
     console.print(f"results: {out_dir}/metrics.json, {out_dir}/config.yaml")
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -135,6 +150,11 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # bench parses its own options (argparse cannot pass options through a subparser)
+        from simulations.bench import main as bench_main
+
+        return bench_main(argv[1:], prog="medkd bench")
     args = _parser().parse_args(argv)
     try:
         if args.command == "simulate":

@@ -54,6 +54,19 @@ def prepare_hospitals(cfg: ExperimentConfig, hospitals_dir: Path) -> None:
     for path in write_policies(cfg, hospitals_dir):
         load_policy(path)
     logger.info("wrote %d hospital policies under %s", cfg.federation.hospitals, hospitals_dir)
+    warn_label_skew(cfg)
+
+
+def warn_label_skew(cfg: ExperimentConfig) -> list[str]:
+    """Warn, by hospital name, about single-class hospitals and thin classes (the simulation knows the split)."""
+    from common.split import class_warnings, make_split
+
+    warnings = []
+    for row in make_split(cfg).size_table()[:-1]:  # the last row is the proxy set
+        warnings += class_warnings(str(row["name"]), list(row["class_counts"]), below=cfg.federation.warn_class_below)
+    for text in warnings:
+        logger.warning("%s", text)
+    return warnings
 
 
 def simulate(cfg: ExperimentConfig, *, out_dir: Path, hospitals_dir: Path | None = None) -> dict[str, Any]:

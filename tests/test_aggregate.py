@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.errors import PayloadError
-from server.aggregate import Aggregator, aggregate_outputs, probs_from_logits
+from server.aggregate import Aggregator, aggregate_outputs, answered, normalised_entropy, probs_from_logits
 
 
 def _t(rows: list) -> torch.Tensor:
@@ -213,8 +213,9 @@ def test_hand_computed(probs: list, method: str, kwargs: dict, expected: list) -
 def test_enum_and_string_names_agree(method: Aggregator) -> None:
     probs = _random_probs(seed=0, shape=(3, 4, 5))
     weights = torch.tensor([1.0, 2.0, 3.0])
-    by_enum = aggregate_outputs(probs, method=method, weights=weights)
-    by_name = aggregate_outputs(probs, method=method.value, weights=weights)
+    counts = torch.tensor([[3.0, 0, 1, 2, 5], [1, 1, 1, 1, 1], [0, 4, 0, 2, 2]])
+    by_enum = aggregate_outputs(probs, method=method, weights=weights, class_counts=counts)
+    by_name = aggregate_outputs(probs, method=method.value, weights=weights, class_counts=counts)
     torch.testing.assert_close(by_enum, by_name)
 
 
@@ -222,7 +223,8 @@ def test_enum_and_string_names_agree(method: Aggregator) -> None:
 def test_rows_sum_to_one(method: Aggregator) -> None:
     # inputs sum to 1 only within the 1e-3 tolerance; outputs must be exact
     probs = _random_probs(seed=1, shape=(4, 6, 3)) * (1 + 5e-4)
-    out = aggregate_outputs(probs, method=method, weights=torch.tensor([4.0, 1.0, 2.0, 3.0]))
+    out = aggregate_outputs(probs, method=method, weights=torch.tensor([4.0, 1.0, 2.0, 3.0]),
+                            class_counts=torch.tensor([[1.0, 2, 3], [0, 5, 1], [2, 2, 2], [9, 0, 0]]))
     assert out.shape == (6, 3)
     assert (out >= 0).all()
     torch.testing.assert_close(out.sum(dim=-1), torch.ones(6), atol=1e-6, rtol=0)
@@ -233,14 +235,19 @@ def test_rows_sum_to_one(method: Aggregator) -> None:
 def test_permutation_invariant_over_hospitals(method: Aggregator, num_hospitals: int) -> None:
     probs = _random_probs(seed=2, shape=(num_hospitals, 5, 4))
     weights = torch.arange(1, num_hospitals + 1, dtype=torch.float64)
-    base = aggregate_outputs(probs, method=method, weights=weights)
+    counts = torch.arange(num_hospitals * 4, dtype=torch.float64).reshape(num_hospitals, 4) % 5
+    density = torch.rand(num_hospitals, 5, generator=torch.Generator().manual_seed(3))
+    mask = torch.rand(num_hospitals, 5, generator=torch.Generator().manual_seed(4)) > 0.3
+    extra = {"class_counts": counts, "density": density, "mask": mask}
+    base = aggregate_outputs(probs, method=method, weights=weights, **extra)
     reverse = torch.arange(num_hospitals).flip(0)
     for perm in (reverse, torch.roll(torch.arange(num_hospitals), 1)):
-        permuted = aggregate_outputs(probs[perm], method=method, weights=weights[perm])
+        permuted = aggregate_outputs(probs[perm], method=method, weights=weights[perm],
+                                     **{k: v[perm] for k, v in extra.items()})
         torch.testing.assert_close(base, permuted, atol=1e-6, rtol=0)
     # and the result does depend on the data: a different input gives a different answer
     other = aggregate_outputs(_random_probs(seed=4, shape=(num_hospitals, 5, 4)),
-                              method=method, weights=weights)
+                              method=method, weights=weights, **extra)
     assert not torch.allclose(base, other, atol=1e-3)
 
 
@@ -391,3 +398,68 @@ def test_probs_from_logits_rejects_bad_temperature(temperature: float) -> None:
 def test_probs_from_logits_rejects_integer_logits() -> None:
     with pytest.raises(ValueError, match="floating-point"):
         probs_from_logits(torch.zeros(1, 2, dtype=torch.int64), temperature=1.0)
+
+
+# --------------------------------------------------------------------------- masks, density, label counts
+
+
+@pytest.mark.parametrize("method", list(Aggregator))
+def test_abstaining_hospital_is_left_out(method: Aggregator) -> None:
+    # hospital 2 abstains on sample 0: the aggregate there equals the aggregate of hospitals 0 and 1 alone
+    probs = _random_probs(seed=7, shape=(3, 2, 3))
+    probs[2, 0] = torch.tensor([0.0, 0.0, 1.0])  # what an abstaining hospital sent does not matter
+    weights = torch.tensor([1.0, 2.0, 5.0])
+    counts = torch.tensor([[3.0, 1, 1], [1, 3, 1], [1, 1, 3]])
+    density = torch.tensor([[1.0, 2.0], [0.5, 1.0], [9.0, 1.0]])
+    mask = torch.tensor([[True, True], [True, True], [False, True]])
+    out = aggregate_outputs(probs, method=method, weights=weights, class_counts=counts, density=density, mask=mask)
+    if method != Aggregator.LABEL_AWARE:  # label_aware's per-class support depends on all hospitals' counts
+        two = aggregate_outputs(probs[:2, :1], method=method, weights=weights[:2], density=density[:2, :1])
+        torch.testing.assert_close(out[0], two[0], atol=1e-6, rtol=0)
+    changed = aggregate_outputs(probs, method=method, weights=weights, class_counts=counts, density=density)
+    assert not torch.allclose(out[0], changed[0], atol=1e-4)  # without the mask, hospital 2 counts
+    torch.testing.assert_close(out[1], changed[1], atol=1e-6, rtol=0)  # sample 1 is untouched
+
+
+def test_answered_flags_samples_nobody_answered() -> None:
+    mask = torch.tensor([[True, False, False], [False, False, True]])
+    assert answered(mask, 3).tolist() == [True, False, True]
+    assert answered(None, 2).tolist() == [True, True]
+    out = aggregate_outputs(_random_probs(seed=8, shape=(2, 3, 2)), method="mean", mask=mask)
+    assert torch.isfinite(out).all()
+
+
+def test_density_recovers_the_pooled_posterior_from_one_class_teachers() -> None:
+    # Two one-class hospitals: each teacher always says "my class". Their density ratios say which samples
+    # look like their data; the density aggregate is then the pooled posterior, the mean is constant.
+    probs = torch.tensor([[[1.0, 0.0]] * 3, [[0.0, 1.0]] * 3])  # (2, 3, 2)
+    sizes = torch.tensor([100.0, 100.0])
+    density = torch.tensor([[1.8, 1.0, 0.2], [0.2, 1.0, 1.8]])  # sample 0 looks like H0, sample 2 like H1
+    fused = aggregate_outputs(probs, method="density", weights=sizes, density=density)
+    torch.testing.assert_close(fused, torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]]), atol=1e-6, rtol=0)
+    mean = aggregate_outputs(probs, method="mean")
+    assert torch.allclose(mean, torch.full((3, 2), 0.5))
+
+
+def test_label_aware_weights_each_class_by_support() -> None:
+    # H0 has only class 0, H1 both: class 1 comes from H1 alone
+    probs = torch.tensor([[[0.9, 0.1]], [[0.4, 0.6]]])
+    counts = torch.tensor([[10.0, 0.0], [10.0, 10.0]])
+    fused = aggregate_outputs(probs, method="label_aware", class_counts=counts)
+    raw = torch.tensor([0.5 * 0.9 + 0.5 * 0.4, 1.0 * 0.6])
+    torch.testing.assert_close(fused[0], (raw / raw.sum()).float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"mask": torch.ones(3, 2, dtype=torch.bool)}, "mask must be"),
+    ({"density": -torch.ones(2, 2)}, "density ratios must be finite"),
+    ({"density": torch.full((2, 2), math.nan)}, "density ratios must be finite"),
+])
+def test_bad_masks_and_densities_are_payload_errors(bad: dict, message: str) -> None:
+    with pytest.raises(PayloadError, match=message):
+        aggregate_outputs(_random_probs(seed=9, shape=(2, 2, 2)), method="density", weights=torch.ones(2), **bad)
+
+
+def test_normalised_entropy_bounds() -> None:
+    ent = normalised_entropy(torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    torch.testing.assert_close(ent, torch.tensor([0.0, 1.0]))

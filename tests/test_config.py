@@ -42,7 +42,7 @@ def test_three_mistakes_reported_together() -> None:
 
 
 @pytest.mark.parametrize(("raw", "needle"), [
-    ({"aggregator": "meen"}, "aggregator: expected one of 'mean', 'weighted', 'era', 'certainty', 'median', got 'meen'; did you mean 'mean'?"),
+    ({"aggregator": "meen"}, "aggregator: expected one of 'mean', 'weighted', 'era', 'certainty', 'median', 'density', 'label_aware', got 'meen'; did you mean 'mean'?"),
     ({"federation": {"partition": "dirichlet2"}}, "federation.partition: expected one of"),
     ({"rounds": 0}, "rounds: must be >= 1, got 0"),
     ({"data": {"proxy_fraction": 1.5}}, "data.proxy_fraction: must be < 1.0, got 1.5"),

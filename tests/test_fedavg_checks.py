@@ -4,11 +4,12 @@ averages them, and only hospitals that opted in send any."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from client.app import make_client_app
 from common.errors import PayloadError
@@ -91,3 +92,31 @@ def test_coordinator_rejects_a_weights_reply_that_does_not_fit_the_student(tiny_
                            "hospital": ConfigRecord({"name": "H0"})})
     with pytest.raises(PayloadError, match="metrics.num-examples"):
         check_weights_reply(no_count, reference=state)
+
+
+def test_averaged_weights_keep_the_students_dtypes_and_pass_the_hospitals_check(tiny_config) -> None:
+    """Flower's average is float64 for every array; a float64 num_batches_tracked would be refused next round."""
+    from server.fedavg import CheckedFedAvg
+
+    state = _student_state(tiny_config())
+    assert any(np.issubdtype(v.dtype, np.integer) for v in state.values())  # BatchNorm's num_batches_tracked
+    replies = []
+    for node, scale in ((1, 1.0), (2, 3.0)):
+        arrays = {k: np.asarray(v * scale if v.dtype.kind == "f" else v + node, dtype=v.dtype) for k, v in state.items()}
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5}),
+                              "hospital": ConfigRecord({"name": f"H{node}"})})
+        metadata = Metadata(run_id=1, message_id=f"r-{node}", src_node_id=node, dst_node_id=0, reply_to_message_id="q",
+                            group_id="1", created_at=time.time(), ttl=600.0, message_type="train")
+        msg = Message(content=content, metadata=metadata)  # a reply as it arrives from that node
+        replies.append(msg)
+    strategy = CheckedFedAvg(reference=state, names={1: "H1", 2: "H2"}, min_nodes=2)
+    averaged, _ = strategy.aggregate_train(1, replies)
+    assert strategy.rejected == {}
+    for name, array in averaged.items():
+        assert array.numpy().dtype == state[name].dtype, name
+    name = next(k for k, v in state.items() if v.dtype.kind == "f")
+    np.testing.assert_allclose(averaged[name].numpy(), state[name] * 2.0, rtol=1e-5)
+    # the hospitals' own check on the next round's weights accepts them
+    check_weights_reply(RecordDict({"arrays": averaged, "metrics": MetricRecord({"num-examples": 1, "train_loss": 0.1}),
+                                    "hospital": ConfigRecord({"name": "H1"})}), reference=state)
