@@ -133,7 +133,8 @@ def train_selector(cfg: ExperimentConfig, split: FederatedSplit, hospital: int,
     n_held = max(1, int(round(PROXY_HELD_OUT * order.size)))
     proxy_val, proxy_train = np.sort(order[:n_held]), np.sort(order[n_held:])
     x_train = torch.cat([images[train_pos], proxy_images[proxy_train]])
-    y_train = torch.cat([torch.ones(len(train_pos), dtype=torch.int64), torch.zeros(len(proxy_train), dtype=torch.int64)])
+    y_train = torch.cat([torch.ones(len(train_pos), dtype=torch.int64),
+                         torch.zeros(len(proxy_train), dtype=torch.int64)])
     x_val = torch.cat([images[val_pos], proxy_images[proxy_val]])
     y_val = torch.cat([torch.ones(len(val_pos), dtype=torch.int64), torch.zeros(len(proxy_val), dtype=torch.int64)])
     spec = split.model_spec()

@@ -31,8 +31,9 @@ from typing import Any
 import yaml
 
 from common.atomic import atomic_write_text
-from common.config import (DEVICE_PATTERN, MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method, PartitionName,
-                           PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, SelectorConfig, TeacherConfig)
+from common.config import (DEVICE_PATTERN, MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method,
+                           PartitionName, PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, SelectorConfig,
+                           TeacherConfig)
 from common.errors import PolicyError
 from common.schema import build_dataclass, documented, reference_rows, to_plain
 
@@ -185,7 +186,8 @@ def policy_from_experiment(cfg: ExperimentConfig, index: int, *, name: str) -> H
     teacher = replace(cfg.teacher, model=cfg.teacher_model(index), per_hospital={})
     return HospitalPolicy(hospital=name, folder=None, threads=max(1, int(cfg.federation.client_cpus)),
                           device=cfg.device, amp=cfg.amp, data=data,
-                          share=share, teacher=teacher, selector=cfg.selector, answers=answers, outputs=rules.outputs, limits=rules.limits)
+                          share=share, teacher=teacher, selector=cfg.selector, answers=answers,
+                          outputs=rules.outputs, limits=rules.limits)
 
 
 def write_policies(cfg: ExperimentConfig, hospitals_dir: Path) -> list[Path]:

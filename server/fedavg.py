@@ -148,7 +148,8 @@ def run_fedavg(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, An
         state.round, state.seconds = rnd, state.seconds + seconds
         state.history.append({
             "round": rnd, "val_auc": evaluation.auc, "val_acc": evaluation.acc, "val_score": score(evaluation),
-            "test_auc": None, "test_acc": None, "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
+            "test_auc": None, "test_acc": None,
+            "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
             "reply_sha256": by_name(traffic.reply_sha256, names),
             "replies_ok": traffic.replies_with_content + traffic.replies_with_error - len(rejected),
             "replies_rejected": len(rejected), "rejected": rejected, "seconds": seconds,

@@ -102,7 +102,8 @@ def test_averaged_weights_keep_the_students_dtypes_and_pass_the_hospitals_check(
     assert any(np.issubdtype(v.dtype, np.integer) for v in state.values())  # BatchNorm's num_batches_tracked
     replies = []
     for node, scale in ((1, 1.0), (2, 3.0)):
-        arrays = {k: np.asarray(v * scale if v.dtype.kind == "f" else v + node, dtype=v.dtype) for k, v in state.items()}
+        arrays = {k: np.asarray(v * scale if v.dtype.kind == "f" else v + node, dtype=v.dtype)
+                  for k, v in state.items()}
         content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                               "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5}),
                               "hospital": ConfigRecord({"name": f"H{node}"})})
