@@ -52,10 +52,10 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
     teacher, info = load_or_train_teacher(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                           hospital_dir=hospital.folder)
     images = split.proxy_on(next(teacher.parameters()).device).take(query.indices)  # only the queried samples
-    outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
-                              amp=hospital.cfg.amp)
     selector = load_or_train_selector(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                       hospital_dir=hospital.folder, teacher=teacher)
+    outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
+                              amp=hospital.cfg.amp, bias=selector.bias if selector else None)
     mask, density = selection(selector, teacher, images, amp=hospital.cfg.amp) if selector else (None, None)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
                                  privacy=NO_DP, num_private=info.num_private, val_auc=info.val_auc, mask=mask,

@@ -20,6 +20,10 @@ coordinator can weight it:
     The teacher's own top-class probability (Hendrycks and Gimpel, 2017).
     Useless for a one-class teacher, cheap otherwise. Only the mask leaves.
 
+With any selector the hospital also fits one logit bias per class
+on its local validation split (:func:`output_bias`), so that what it sends
+is its calibrated local posterior, which the density mixture assumes.
+
 The threshold is the ``selector.abstain_quantile`` quantile of the score on
 the hospital's held-out private samples: it answers proxy samples at least
 as typical as all but that fraction of its own data. The selector is saved
@@ -71,6 +75,36 @@ class SelectorInfo:
 class Selector:
     info: SelectorInfo
     model: nn.Module | None  # the density-ratio classifier (None for max_softmax)
+    bias: np.ndarray | None = None  # (C,) logit bias calibrating the teacher's outputs (selector.calibrate)
+
+
+def output_bias(teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, n_classes: int,
+                amp: bool = False) -> np.ndarray:
+    """One logit bias per class that minimises the teacher's cross-entropy on the hospital's local validation.
+
+    Early stopping on AUC keeps a teacher that *ranks* well, not one whose
+    probabilities are calibrated, while the density mixture needs each
+    hospital's posterior ``p_h(y|x)``. Fitting ``b`` in ``softmax(z + b)``
+    (prior matching, a convex problem in ``C`` numbers) restores the local
+    label mix: a one-class hospital says its class with certainty. Biases
+    are clipped to ``[-10, 10]`` and centred. Returns ``(C,)`` float64.
+    """
+    if labels.numel() == 0:
+        return np.zeros(n_classes)
+    z = predict_logits(teacher, images, amp=amp).double()
+    y = labels.long().cpu()
+    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([bias], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(z + bias.clamp(-10.0, 10.0), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    b = bias.detach().clamp(-10.0, 10.0)
+    return (b - b.mean()).numpy()
 
 
 def selector_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> str:
@@ -200,6 +234,13 @@ def load_or_train_selector(*, cfg: ExperimentConfig, split: FederatedSplit, hosp
         selector = train_selector(cfg, split, hospital, teacher)
         atomic_torch_save(path, {"info": asdict(selector.info),
                                  "state_dict": None if selector.model is None else state_dict_on_cpu(selector.model)})
+    if selector.bias is None:  # calibrate the teacher's outputs (computed per process; cheap, deterministic)
+        private = split.hospital(hospital)
+        _, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
+                                     seed=teacher_seed(cfg, hospital))
+        images, labels = tensors(private, spatial_dims=split.data.spatial_dims)
+        selector = replace(selector, bias=output_bias(teacher, images[val_pos], labels[val_pos],
+                                                      n_classes=split.data.n_classes, amp=cfg.amp))
     if len(_CACHE) >= _CACHE_MAX:
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = selector

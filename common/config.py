@@ -171,9 +171,10 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class SelectorConfig:
-    kind: SelectorKind = documented(SelectorKind.NONE, doc="per-sample abstention: none | density_ratio (a "
+    kind: SelectorKind = documented(SelectorKind.DENSITY_RATIO, doc="per-sample abstention: none | density_ratio (a "
                                     "private-vs-proxy classifier estimates p_hospital(x)/p_proxy(x); its ratio is "
-                                    "also sent, one float16 per sample) | max_softmax (the teacher's confidence)")
+                                    "also sent, one float16 per sample) | max_softmax (the teacher's confidence); "
+                                    "with a selector the hospital also calibrates its outputs on local validation")
     abstain_quantile: float = documented(0.0, ge=0.0, lt=1.0, doc="abstain on proxy samples scoring below this "
                                          "quantile of the hospital's own held-out private samples (0 = never)")
     epochs: int = documented(20, ge=1, doc="density_ratio: most epochs of the private-vs-proxy classifier")
@@ -257,7 +258,7 @@ class ExperimentConfig:
     seed: int = documented(0, ge=0, doc="seed for splits, initialisation and sampling")
     rounds: int = documented(10, ge=1, doc="federated rounds (fedkd, fedavg); centralized and local train once")
     method: Method = documented(Method.FEDKD, doc="fedkd | fedavg | centralized | local")
-    aggregator: AggregatorName = documented(AggregatorName.ERA, doc="mean | weighted | era | certainty | median | "
+    aggregator: AggregatorName = documented(AggregatorName.DENSITY, doc="mean | weighted | era | certainty | median | "
                                             "density (needs selector.kind density_ratio) | label_aware (needs "
                                             "policy.answers.label_counts)")
     early_stop_rounds: int = documented(0, ge=0, doc="stop when the student's validation AUC has not improved for "

@@ -32,7 +32,7 @@ def tiny_config(medmnist_dir: Path):
 
     def make(**overrides: object) -> ExperimentConfig:
         raw = {
-            "seed": 0, "rounds": 2, "aggregator": "mean",
+            "seed": 0, "rounds": 2, "aggregator": "mean", "selector": {"kind": "none"},
             "data": {"dataset": "retinamnist", "data_dir": str(medmnist_dir), "download": False,
                      "proxy_fraction": 0.25},
             "federation": {"hospitals": 3, "partition": "dirichlet", "alpha": 1.0, "wait_for_nodes_s": 120},

@@ -19,8 +19,22 @@ def test_defaults_are_the_documented_experiment() -> None:
     cfg = load_config(None)
     assert (cfg.data.dataset, cfg.federation.hospitals, cfg.federation.partition, cfg.federation.alpha) == (
         "retinamnist", 5, PartitionName.DIRICHLET, 0.5)
-    assert cfg.method == Method.FEDKD and cfg.aggregator == AggregatorName.ERA
+    assert cfg.method == Method.FEDKD and cfg.aggregator == AggregatorName.DENSITY
+    assert cfg.selector.kind == "density_ratio" and cfg.selector.abstain_quantile == 0.0
     assert cfg.quorum() == 3
+    # the shipped default experiment file says the same
+    shipped = load_config(REPO / "configs" / "retinamnist_5sites.yaml")
+    assert (shipped.aggregator, shipped.selector, shipped.federation) == (cfg.aggregator, cfg.selector, cfg.federation)
+
+
+def test_density_aggregator_needs_density_ratios_and_label_aware_needs_counts() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_config({"aggregator": "density", "selector": {"kind": "none"}}, source="x.yaml")
+    assert "aggregator: 'density' weights hospitals by the density ratios they send" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        build_config({"aggregator": "label_aware"}, source="x.yaml")
+    assert "set policy.answers.label_counts: true" in str(info.value)
+    build_config({"aggregator": "label_aware", "policy": {"answers": {"label_counts": True}}}, source="x.yaml")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

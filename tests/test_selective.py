@@ -26,7 +26,8 @@ def skewed(medmnist_dir: Path):
         pytest.fail(f"pneumoniamnist_kaggle.npz missing from {medmnist_dir}")
 
     def make(**overrides: object):
-        raw = {"seed": 2, "data": {"dataset": "pneumoniamnist_kaggle.npz", "data_dir": str(medmnist_dir),
+        raw = {"seed": 2, "aggregator": "weighted",
+               "data": {"dataset": "pneumoniamnist_kaggle.npz", "data_dir": str(medmnist_dir),
                                    "download": False, "proxy_fraction": 0.2},
                "federation": {"hospitals": 4, "partition": "dirichlet", "alpha": 0.1},
                "teacher": {"epochs": 3, "patience": 2},
@@ -137,3 +138,24 @@ def test_bad_selector_fields_are_rejected_and_named(content, reason: str) -> Non
     with pytest.raises(PayloadError) as info:
         _parse(content())
     assert reason in str(info.value) and "hospital H1" in str(info.value)
+
+
+def test_calibration_restores_each_hospitals_local_posterior(skewed, tmp_path: Path) -> None:
+    """Early stopping on AUC keeps a teacher that ranks, not one that is calibrated; the bias fixes the level."""
+    from client.serve import teacher_outputs
+    from client.teacher import load_or_train_teacher
+    from common.config import OutputKind
+
+    cfg, split = skewed()
+    hospital, its_class = _single_class_hospital(split)
+    teacher, _ = load_or_train_teacher(cfg=cfg, split=split, hospital=hospital, hospital_dir=tmp_path)
+    selector = load_or_train_selector(cfg=cfg, split=split, hospital=hospital, hospital_dir=tmp_path, teacher=teacher)
+    assert selector.bias is not None and selector.bias.shape == (2,)
+    images, _ = tensors(split.proxy, spatial_dims=split.data.spatial_dims)
+    raw = teacher_outputs(teacher, images, output=OutputKind.PROBS, temperature=1.0)
+    calibrated = teacher_outputs(teacher, images, output=OutputKind.PROBS, temperature=1.0, bias=selector.bias)
+    # a hospital that saw one class has the local posterior "that class", whatever the teacher's level was
+    assert calibrated[:, its_class].min() > 0.99 and calibrated[:, its_class].mean() > raw[:, its_class].mean()
+    # the ranking of samples is the teacher's own (a per-class bias changes no order within a class column)
+    order = np.argsort(raw[:, its_class], kind="stable")
+    assert (np.diff(calibrated[order, its_class]) >= -1e-6).all()
