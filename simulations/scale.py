@@ -70,7 +70,7 @@ def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Pa
 
     logging.basicConfig(level=logging.WARNING)
     raw = {
-        "seed": 0, "rounds": rounds, "aggregator": "mean",
+        "seed": 0, "rounds": rounds, "aggregator": "mean", "selector": {"kind": "none"},  # the figures' recipe
         "data": {"dataset": str(data), "download": False, "proxy_fraction": 0.05, "max_test_samples": 256},
         "federation": {"hospitals": hospitals, "partition": "iid", "min_samples": MIN_SAMPLES,
                        "wait_for_nodes_s": 600, "reply_timeout_s": 3600, **({"max_in_flight": in_flight}
