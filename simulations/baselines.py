@@ -100,7 +100,8 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
              "method": cfg.method.value, "seconds": seconds, "best_test_auc": best["test_auc"],
              "best_val_auc": best["val_auc"], "best_hospital": best["hospital"],
              "selection": "best hospital by validation AUC (official val split); test read once at the end"}
-    rounds = [{"round": 1, "test_auc": final["test_auc"], "test_acc": final["test_acc"], "bytes_up": {},
+    rounds = [{"round": 1, "val_auc": float(np.nanmean([r["val_auc"] for r in rows])), "test_auc": final["test_auc"],
+               "test_acc": final["test_acc"], "bytes_up": {},
                "bytes_down": {}, "replies_ok": 0, "replies_rejected": 0, "seconds": seconds}]
     write_metrics(out_dir, cfg=cfg, rounds=rounds, final=final, extra={"local": rows})
     return final

@@ -114,6 +114,7 @@ def test_baselines_share_the_metrics_format(tiny_config, tmp_path: Path) -> None
 def test_same_seed_same_numbers(tiny_config, tmp_path: Path) -> None:
     """Reproducibility: one seed, two fresh runs (teachers, selectors, student): identical figures and payloads."""
     settings = {"aggregator": "density", "selector.kind": "density_ratio", "selector.epochs": 2,
+                "selector.abstain_quantile": 0.1,
                 "teacher.epochs": 2, "distill.epochs": 2}
     docs = []
     for name in ("first", "second"):
