@@ -18,7 +18,7 @@ from common.config import MODEL_NAMES
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.errors import PayloadError
 from common.models import build_model
-from common.payload import as_integer, as_number, as_text, check_keys, check_records, decode_weights
+from common.wire import as_integer, as_number, as_text, check_keys, check_records, decode_weights
 from common.split import local_train_val, make_split, tensors
 from common.training import run_epoch, seed_everything, to_model_device
 

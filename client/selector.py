@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from client.teacher import teacher_fingerprint, teacher_seed
-from common.atomic import atomic_torch_save
+from common.atomic import atomic_torch_save, load_saved
 from common.config import ExperimentConfig, SelectorKind, config_to_dict
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
@@ -216,20 +216,16 @@ def load_or_train_selector(*, cfg: ExperimentConfig, split: FederatedSplit, hosp
     if key in _CACHE:
         return _CACHE[key]
     selector = None
-    if path.exists():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            info = SelectorInfo(**saved["info"])
-        except Exception as e:  # a torn or foreign file: retrain rather than fail the round
-            logger.warning("%s: cannot read selector %s (%s); retraining", hospital_name(hospital), path, e)
-        else:
-            if info.fingerprint == fingerprint:
-                model = None
-                if saved.get("state_dict") is not None:
-                    model = build_model("smallcnn", replace(split.model_spec(), n_classes=2))
-                    model.load_state_dict(saved["state_dict"])
-                    model = place_model(model, resolve_device(cfg.device)).eval()
-                selector = Selector(info=info, model=model)
+    loaded = load_saved(path, SelectorInfo, what=f"{hospital_name(hospital)} selector") if path.exists() else None
+    if loaded is not None:
+        saved, info = loaded
+        if info.fingerprint == fingerprint:
+            model = None
+            if saved.get("state_dict") is not None:
+                model = build_model("smallcnn", replace(split.model_spec(), n_classes=2))
+                model.load_state_dict(saved["state_dict"])
+                model = place_model(model, resolve_device(cfg.device)).eval()
+            selector = Selector(info=info, model=model)
     if selector is None:
         selector = train_selector(cfg, split, hospital, teacher)
         atomic_torch_save(path, {"info": asdict(selector.info),

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common.atomic import atomic_torch_save
+from common.atomic import atomic_torch_save, load_saved
 from common.config import ExperimentConfig, config_to_dict
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
@@ -173,22 +173,20 @@ def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospi
     cached = None if retrain else _CACHE.get(key)
     if cached is not None:
         return cached
+    loaded = None
     if path.exists() and not retrain:
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            info = TeacherInfo(**saved["info"])
-        except Exception as e:  # a torn or foreign file: retrain rather than fail the round
-            logger.warning("%s: cannot read teacher checkpoint %s (%s); retraining", hospital_name(hospital), path, e)
-        else:
-            if info.fingerprint == fingerprint:
-                model = build_model(info.model, split.model_spec())
-                model.load_state_dict(saved["state_dict"])
-                model = place_model(model, resolve_device(cfg.device))
-                model.eval()
-                _CACHE.put(key, (model, info))
-                return model, info
-            logger.info("%s: teacher checkpoint %s was trained from other data or settings; retraining",
-                        hospital_name(hospital), path)
+        loaded = load_saved(path, TeacherInfo, what=f"{hospital_name(hospital)} teacher checkpoint")
+    if loaded is not None:
+        saved, info = loaded
+        if info.fingerprint == fingerprint:
+            model = build_model(info.model, split.model_spec())
+            model.load_state_dict(saved["state_dict"])
+            model = place_model(model, resolve_device(cfg.device))
+            model.eval()
+            _CACHE.put(key, (model, info))
+            return model, info
+        logger.info("%s: teacher checkpoint %s was trained from other data or settings; retraining",
+                    hospital_name(hospital), path)
     model, info = train_teacher(cfg, split, hospital)
     save_teacher(path, model, info)
     model.eval()

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -60,3 +63,18 @@ def atomic_torch_save(path: Path, obj: Any) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_saved(path: Path, info_type: type, *, what: str) -> tuple[dict[str, Any], Any] | None:
+    """Read a checkpoint written by :func:`atomic_torch_save` holding ``{"info": {...}, ...}``.
+
+    Returns ``(saved, info_type(**saved["info"]))``, or None with a warning
+    naming ``what`` and the file when it is torn, foreign or of an older
+    layout, so that the caller retrains instead of failing.
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved, info_type(**saved["info"])
+    except Exception as e:  # a torn or foreign file: the caller retrains rather than fails the round
+        logger.warning("%s: cannot read %s (%s); retraining", what, path, e)
+        return None

@@ -17,15 +17,15 @@ in ``README.md`` and the checks cannot drift apart.
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from common.errors import ConfigError
+from common.names import (DEVICE_PATTERN, FAULT_NAMES, MODEL_NAMES, AggregatorName, Method,  # noqa: F401
+                          OutputKind, PartitionName, ProxySource, SelectorKind, WireDtype)
 from common.schema import apply_overrides, build_dataclass, documented, parse_overrides, reference_rows, to_plain
 
 __all__ = [
@@ -55,69 +55,6 @@ __all__ = [
     "config_to_dict",
     "dump_config",
 ]
-
-DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # checked here; resolved by common.device
-MODEL_NAMES = ("smallcnn", "densenet121", "resnet18", "resnet34", "resnet50")
-FAULT_NAMES = ("nan", "shape", "negative", "uniform", "flip", "crash")
-
-
-class Method(StrEnum):
-    """What ``medkd simulate`` trains."""
-
-    FEDKD = "fedkd"
-    FEDAVG = "fedavg"
-    CENTRALIZED = "centralized"
-    LOCAL = "local"
-
-
-class AggregatorName(StrEnum):
-    """Server-side aggregators of hospital soft labels (see server/aggregate.py)."""
-
-    MEAN = "mean"
-    WEIGHTED = "weighted"
-    ERA = "era"
-    CERTAINTY = "certainty"
-    MEDIAN = "median"
-    DENSITY = "density"
-    LABEL_AWARE = "label_aware"
-
-
-class SelectorKind(StrEnum):
-    """How a hospital decides, per proxy sample, whether its teacher knows enough to answer (client/selector.py)."""
-
-    NONE = "none"
-    DENSITY_RATIO = "density_ratio"
-    MAX_SOFTMAX = "max_softmax"
-
-
-class PartitionName(StrEnum):
-    """How the private (non-proxy) training data is split among hospitals."""
-
-    IID = "iid"
-    DIRICHLET = "dirichlet"
-    QUANTITY = "quantity"
-
-
-class OutputKind(StrEnum):
-    """What a teacher sends: probabilities at temperature T, or raw logits."""
-
-    PROBS = "probs"
-    LOGITS = "logits"
-
-
-class WireDtype(StrEnum):
-    """Float width of the outputs on the wire."""
-
-    FLOAT16 = "float16"
-    FLOAT32 = "float32"
-
-
-class ProxySource(StrEnum):
-    """Which official split the public proxy set is carved from."""
-
-    TRAIN = "train"
-    VAL = "val"
-
 
 @dataclass(frozen=True)
 class DataConfig:

@@ -48,12 +48,11 @@ without a federation.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from enum import StrEnum
 
 import torch
 
 from common.errors import PayloadError
+from common.names import AggregatorName
 
 __all__ = ["Aggregator", "aggregate_outputs", "answered", "normalised_entropy", "probs_from_logits"]
 
@@ -64,16 +63,8 @@ SIMPLEX_TOLERANCE = 1e-3
 CERTAINTY_EPSILON = 1e-6
 
 
-class Aggregator(StrEnum):
-    """Names of the soft-label aggregators understood by :func:`aggregate_outputs`."""
-
-    MEAN = "mean"
-    WEIGHTED = "weighted"
-    ERA = "era"
-    CERTAINTY = "certainty"
-    MEDIAN = "median"
-    DENSITY = "density"
-    LABEL_AWARE = "label_aware"
+#: The aggregator names are the config's (one list for both; see :mod:`common.names`).
+Aggregator = AggregatorName
 
 
 def probs_from_logits(logits: torch.Tensor, *, temperature: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from common.config import ExperimentConfig
 from common.errors import PayloadError
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
-from common.payload import as_integer, check_keys, check_records, decode_weights
+from common.wire import as_integer, check_keys, check_records, decode_weights
 from common.split import make_split
 from server.app import wait_for_nodes
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
