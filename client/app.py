@@ -49,6 +49,7 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
     proxy = split.proxy
     query = parse_query(msg.content, proxy_size=proxy.labels.shape[0], proxy_hash=split.proxy_hash)
     check_query(query, hospital.policy, released=released_indices(hospital.folder, run_id=msg.metadata.run_id))
+    _keep_receipt(query, hospital, run_id=msg.metadata.run_id)
     teacher, info = load_or_train_teacher(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                           hospital_dir=hospital.folder)
     images = split.proxy_on(next(teacher.parameters()).device).take(query.indices)  # only the queried samples
@@ -61,6 +62,18 @@ def answer_query(msg: Message, hospital: Hospital) -> Message:
                                  privacy=NO_DP, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
                                  density=density, label_counts=_label_counts(query, hospital, split))
     return Message(content, reply_to=msg)
+
+
+def _keep_receipt(query: Query, hospital: Hospital, *, run_id: int) -> None:
+    """Store the coordinator's receipt for this hospital's last reply (a bad one is noted, never fatal)."""
+    if query.receipt is None:
+        return
+    from client.receipts import store_receipt
+
+    problem = store_receipt(hospital.folder, query.receipt, hospital=hospital.name, run_id=run_id)
+    if problem:
+        logger.warning("hospital %s did not keep the coordinator's receipt (round %s): %s", hospital.name,
+                       query.receipt.get("round"), problem)
 
 
 def _label_counts(query: Query, hospital: Hospital, split: FederatedSplit) -> np.ndarray | None:
@@ -126,7 +139,8 @@ class HospitalApp(ClientApp):
             return Message(Error(code=HOSPITAL_ERROR_CODE, reason="hospital is not set up: its policy is missing or "
                                  "invalid; details stay in the hospital's log"), reply_to=message)
         gate = OutboundGate(hospital=hospital.name, folder=hospital.folder, run_id=context.run_id,
-                            allow_weights=hospital.policy.answers.fedavg_weights)
+                            allow_weights=hospital.policy.answers.fedavg_weights,
+                            archive_payloads=hospital.policy.audit_archive)
         _note_ignored_run_config(context, gate)
         dispatch: Callable[[Message], Message] = lambda m: super(HospitalApp, self).__call__(m, context)  # noqa: E731
         try:

@@ -13,12 +13,17 @@ every handler and every Flower mod, so that nothing runs after it:
    (teacher outputs for ``query.logits``, metrics for ``train.teacher``,
    model weights for ``train`` only where the policy opted in) and is not
    too large; a reply that breaks this is withheld and replaced by an error;
-3. it serialises the reply exactly as it will travel, appends one line with
-   the SHA-256 of those bytes to ``outbound.jsonl`` (single write + fsync),
-   and sends a fresh copy decoded from those very bytes, so that nothing
-   can change the payload after it was hashed and logged.
+3. it serialises the reply exactly as it will travel (a query reply first
+   stamped with the audit log's head, ``hospital.audit_seq``/``audit_head``,
+   for the coordinator's receipt), appends a signed ``release`` record to the
+   hash-chained audit log (:mod:`client.audit_log`: payload hash, shape and
+   dtype, proxy manifest and indices, privacy labels; the bytes archived),
+   then one summary line to ``outbound.jsonl`` (single write + fsync), then a
+   ``sent`` record, and sends a fresh copy decoded from those very bytes, so
+   that nothing can change the payload after it was hashed and logged. If a
+   log cannot be written the error propagates and nothing is sent.
 
-Later mechanisms (DP noise, the privacy ledger, the signed audit log) hook in here.
+Later mechanisms (DP noise, the privacy ledger) hook in here.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from pathlib import Path
 from flwr.app import Error, Message
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
+from client.audit_log import AuditLog
 from client.hospital import LOCAL_LOG, OUTBOUND_LOG
 from common.errors import DataError, PayloadError, PolicyError
 from common.payload import (FEDAVG_MESSAGE_TYPE, HOSPITAL_ERROR_CODE, QUERY_MESSAGE_TYPE, QUERY_REJECTED_CODE,
@@ -65,13 +71,14 @@ class OutboundGate:
     """Checks, records and releases every reply of one hospital."""
 
     def __init__(self, *, hospital: str, folder: Path, run_id: int, allow_weights: bool = False,
-                 privacy: str = NO_DP, max_bytes: int = 64 * 2**20) -> None:
+                 privacy: str = NO_DP, max_bytes: int = 64 * 2**20, archive_payloads: bool = True) -> None:
         self.hospital = hospital
         self.folder = Path(folder)
         self.run_id = int(run_id)
         self.allow_weights = allow_weights
         self.privacy = privacy
         self.max_bytes = max_bytes
+        self.audit = AuditLog(self.folder, hospital=hospital, archive_payloads=archive_payloads)
 
     # ------------------------------------------------------------------ the exit
 
@@ -101,12 +108,14 @@ class OutboundGate:
         if isinstance(reply, Message) and reply.has_content():
             problem = self._check_content(kind, reply)
             if problem is None:
+                if kind == QUERY_MESSAGE_TYPE:
+                    _stamp_head(reply, self.audit)
                 proto = recorddict_to_proto(reply.content)
                 wire = proto.SerializeToString(deterministic=True)
                 if len(wire) <= self.max_bytes:
                     outgoing = Message(recorddict_from_proto(proto), reply_to=request)
                     self._log(request, status="sent", wire=wire, n_indices=_n_indices(kind, outgoing),
-                              extras=_extras(kind, outgoing))
+                              extras=_extras(kind, outgoing), outgoing=outgoing)
                     return outgoing
                 problem = f"payload of {len(wire)} bytes exceeds the gate's limit of {self.max_bytes}"
             self.note(f"withheld a {kind} reply (round {round_}): {problem}")
@@ -145,7 +154,7 @@ class OutboundGate:
     # ------------------------------------------------------------------ logs
 
     def _log(self, request: Message, *, status: str, wire: bytes, n_indices: int, code: int | None = None,
-             extras: dict[str, object] | None = None) -> None:
+             extras: dict[str, object] | None = None, outgoing: Message | None = None) -> None:
         record: dict[str, object] = {
             "time": time.time(), "hospital": self.hospital, "run_id": self.run_id, "round": _round(request),
             "request_id": str(request.metadata.message_id)[:128], "kind": _kind(request), "status": status,
@@ -155,7 +164,11 @@ class OutboundGate:
         if code is not None:
             record["error_code"] = code
         record.update(extras or {})
+        released = self.audit.append_release(record, wire=wire, arrays=_arrays(outgoing),
+                                             **_proxy(request) if status == "sent" else {})
+        record["audit_seq"] = released.seq
         self._append(self.folder / OUTBOUND_LOG, json.dumps(record, sort_keys=True) + "\n")
+        self.audit.confirm_sent(released, str(record["sha256"]))
         logger.debug("%s released %s %s reply of %d bytes", self.hospital, status, record["kind"], len(wire))
 
     def note(self, text: str) -> None:
@@ -188,6 +201,32 @@ def _round(request: Message) -> str:
     except Exception:  # no content, no such record: the round is unknown, not an error
         return "?"
     return str(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9 else "?"
+
+
+def _stamp_head(reply: Message, audit: AuditLog) -> None:
+    """Write the audit log's head into a query reply, for the coordinator to sign in its receipt."""
+    head = audit.head()
+    info = reply.content.config_records.get("hospital")
+    if info is not None:
+        info["audit_seq"], info["audit_head"] = head.seq, head.hash
+
+
+def _arrays(outgoing: Message | None) -> dict[str, object]:
+    """Shape and dtype of each array a reply carries: ``{"record.array": {"shape": [...], "dtype": "..."}}``."""
+    if outgoing is None or not outgoing.has_content():
+        return {}
+    return {f"{name}.{key}": {"shape": list(array.shape), "dtype": str(array.dtype)}
+            for name, record in outgoing.content.array_records.items() for key, array in record.items()}
+
+
+def _proxy(request: Message) -> dict[str, object]:
+    """The proxy manifest hash and the exact proxy indices a (validated, answered) query asked for."""
+    try:
+        manifest = str(request.content.config_records["query"]["proxy_hash"])
+        indices = request.content.array_records["indices"]["indices"].numpy()
+    except Exception:  # not a query: no proxy samples were released
+        return {"proxy_manifest": None, "proxy_indices": None}
+    return {"proxy_manifest": manifest, "proxy_indices": indices}
 
 
 def _n_indices(kind: str, reply: Message) -> int:

@@ -15,7 +15,13 @@ Reply (hospital -> server)::
     MetricRecord "metrics":  num_private (int), val_auc (float in [0, 1], or -1 when undefined),
                              label_counts (C ints summing to num_private), optional: only when the
                              query asked and the hospital's policy releases them
-    ConfigRecord "hospital": name (str), model (str), privacy (str)
+    ConfigRecord "hospital": name (str), model (str), privacy (str), optional together:
+                             audit_seq (int >= 0), audit_head (64 hex digits): the head of the
+                             hospital's audit log when the reply left (the coordinator signs
+                             it in a receipt, see server/receipts.py)
+
+A query may carry the coordinator's receipt for the hospital's previous
+reply: ConfigRecord "receipt" (see :data:`RECEIPT_KEYS`).
 
 What each optional field adds on the wire: the mask 1 byte per sample, the
 density 2 bytes per sample, the label counts C integers per reply.
@@ -57,6 +63,9 @@ WITHHELD_CODE = 102  # a hospital's gate withheld a reply that broke the outboun
 MAX_ROUND = 10**6
 MAX_PRIVATE = 10**9
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+HEX128 = re.compile(r"^[0-9a-f]{128}$")
+RECEIPT_KEYS = {"hospital", "round", "audit_seq", "audit_head", "reply_sha256", "coordinator_key", "signature"}
 UNDEFINED_AUC = -1.0  # val_auc when the hospital's local validation holds a single class
 DENSITY_MAX = 60000.0  # largest density ratio sent (float16 holds up to 65504)
 
@@ -74,6 +83,7 @@ class Query:
     output: OutputKind
     dtype: WireDtype
     label_counts: bool = False
+    receipt: dict[str, Any] | None = None  # the coordinator's signed receipt for this hospital's last reply
 
 
 @dataclass(frozen=True)
@@ -89,19 +99,24 @@ class Reply:
     mask: np.ndarray | None = None  # (N,) bool: True where the hospital answered
     density: np.ndarray | None = None  # (N,) float32 >= 0
     label_counts: np.ndarray | None = None  # (C,) int64, sums to num_private
+    audit_seq: int | None = None  # the hospital's audit-log head when the reply left
+    audit_head: str | None = None
 
 
 # --------------------------------------------------------------------------- query
 
 
 def make_query_content(query: Query) -> RecordDict:
-    """Pack a :class:`Query` into a RecordDict."""
+    """Pack a :class:`Query` into a RecordDict (its receipt, if any, as ConfigRecord "receipt")."""
     config = ConfigRecord({
         "round": int(query.round), "proxy_hash": query.proxy_hash, "temperature": float(query.temperature),
         "output": query.output.value, "dtype": query.dtype.value, "label_counts": bool(query.label_counts),
     })
     indices = ArrayRecord({"indices": Array(np.ascontiguousarray(query.indices, dtype=np.int64))})
-    return RecordDict({"query": config, "indices": indices})
+    content = RecordDict({"query": config, "indices": indices})
+    if query.receipt is not None:
+        content["receipt"] = ConfigRecord(dict(query.receipt))
+    return content
 
 
 def parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
@@ -124,7 +139,12 @@ def parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
 
 
 def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
-    check_records(content, arrays={"indices"}, metrics=set(), configs={"query"})
+    receipt = None
+    if isinstance(content, RecordDict) and "receipt" in [str(k) for k in content.keys()]:
+        check_records(content, arrays={"indices"}, metrics=set(), configs={"query", "receipt"})
+        receipt = _receipt(content.config_records["receipt"])
+    else:
+        check_records(content, arrays={"indices"}, metrics=set(), configs={"query"})
     cfg = content.config_records["query"]
     check_keys(cfg, field="query", required={"round", "proxy_hash", "temperature", "output", "dtype",
                                              "label_counts"})
@@ -154,7 +174,22 @@ def _parse_query(content: Any, *, proxy_size: int, proxy_hash: str) -> Query:
     if np.unique(indices).size != indices.size:
         raise PayloadError("contain duplicates", field="indices")
     return Query(round=round_, proxy_hash=server_hash, indices=indices.astype(np.int64), temperature=temperature,
-                 output=output, dtype=dtype, label_counts=bool(cfg["label_counts"]))
+                 output=output, dtype=dtype, label_counts=bool(cfg["label_counts"]), receipt=receipt)
+
+
+def _receipt(record: Any) -> dict[str, Any]:
+    """The receipt's fields, typed and bounded (its signature is checked by the hospital, client/receipts.py)."""
+    check_keys(record, field="receipt", required=RECEIPT_KEYS)
+    return {
+        "hospital": as_text(record["hospital"], field="receipt.hospital", max_len=64, pattern=NAME_PATTERN),
+        "round": as_integer(record["round"], field="receipt.round", low=0, high=MAX_ROUND),
+        "audit_seq": as_integer(record["audit_seq"], field="receipt.audit_seq", low=0, high=2**62),
+        "audit_head": as_text(record["audit_head"], field="receipt.audit_head", max_len=64, pattern=HEX64),
+        "reply_sha256": as_text(record["reply_sha256"], field="receipt.reply_sha256", max_len=64, pattern=HEX64),
+        "coordinator_key": as_text(record["coordinator_key"], field="receipt.coordinator_key", max_len=64,
+                                   pattern=HEX64),
+        "signature": as_text(record["signature"], field="receipt.signature", max_len=128, pattern=HEX128),
+    }
 
 
 # --------------------------------------------------------------------------- reply
@@ -262,12 +297,19 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
     if not (0.0 <= val_auc <= 1.0 or val_auc == UNDEFINED_AUC):
         raise PayloadError(f"must be in [0, 1] (or -1: undefined), got {val_auc}", field="metrics.val_auc")
     info = content.config_records["hospital"]
-    check_keys(info, field="hospital", required={"name", "model", "privacy"})
+    audit_keys = {"audit_seq", "audit_head"}
+    check_keys(info, field="hospital", required={"name", "model", "privacy"}
+               | (audit_keys if audit_keys & {str(k) for k in info.keys()} else set()))
     name = as_text(info["name"], field="hospital.name", max_len=64, pattern=NAME_PATTERN)
     model = as_text(info["model"], field="hospital.model", max_len=64)
     privacy = as_text(info["privacy"], field="hospital.privacy")
+    audit_seq = audit_head = None
+    if "audit_seq" in info:
+        audit_seq = as_integer(info["audit_seq"], field="hospital.audit_seq", low=0, high=2**62)
+        audit_head = as_text(info["audit_head"], field="hospital.audit_head", max_len=64, pattern=HEX64)
     return Reply(hospital=name, model=model, privacy=privacy, outputs=values, num_private=num_private,
-                 val_auc=val_auc, mask=mask, density=density, label_counts=label_counts)
+                 val_auc=val_auc, mask=mask, density=density, label_counts=label_counts, audit_seq=audit_seq,
+                 audit_head=audit_head)
 
 
 def _label_counts(value: Any, *, n_classes: int, num_private: int) -> np.ndarray:

@@ -80,6 +80,8 @@ class HospitalPolicy:
     device: str = documented("auto", doc="where the teacher trains and answers: auto (CUDA when present) | cpu | "
                              "cuda | cuda:<i>")
     amp: bool = documented(True, doc="bf16 autocast for the teacher on CUDA (ignored on the CPU)")
+    audit_archive: bool = documented(True, doc="keep the exact bytes of every reply in audit_payloads/ so "
+                                     "`medkd audit verify` can re-hash them")
     data: PolicyData = field(default_factory=PolicyData)
     share: PolicyShare = field(default_factory=PolicyShare)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)

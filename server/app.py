@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from server.distill import distill_student
 from server.evaluate import write_metrics
 from server.identity import node_identities
 from server.metering import MeteredGrid, by_name
+from server.receipts import ReceiptSigner, issue_receipts
 from server.selection import RoundSelection, score
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,7 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
                            timeout_s=cfg.federation.wait_for_nodes_s)
     n_classes = split.data.n_classes
     warned: set[str] = set()
+    signer, receipts = ReceiptSigner(out_dir), {}  # node -> receipt for its last reply, sent with the next query
     for rnd in range(state.round + 1, cfg.rounds + 1):
         start = time.perf_counter()
         indices, cursor = next_proxy_batch(n_proxy=proxy_images.shape[0], batch=cfg.distill.proxy_batch,
@@ -183,13 +186,15 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
                     len(indices), " (hospitals train their teachers on first use)" if rnd == 1 else "")
         content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
-        messages = [Message(content=content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
+        messages = [Message(content=make_query_content(replace(query, receipt=receipts[node])) if node in receipts
+                            else content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
                     for node in nodes]
         replies = send_in_waves(metered, messages, wave=cfg.federation.max_in_flight,
                                 timeout_s=cfg.federation.reply_timeout_s)
         traffic = metered.take()
         result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
                                  n_samples=len(indices), n_classes=n_classes, query=cfg.query)
+        receipts = issue_receipts(signer, result.accepted, reply_sha256=traffic.reply_sha256, names=names, round=rnd)
         loss, dropped = None, {"nobody_answered": 0, "ambiguous": 0}
         if len(result.accepted) >= quorum:
             _warn_label_counts(result.accepted, cfg, warned)
