@@ -3,6 +3,7 @@
 ``medkd simulate [--config FILE] [--method M] [--set k=v ...] [--out DIR]``
 ``medkd policies [--config FILE] [--set k=v ...] --hospitals-dir DIR``
 ``medkd bench [--methods NAME ...] [--partitions P ...] [--seeds S ...] [--out DIR] ...`` (see simulations/bench.py)
+``medkd audit verify|report|canary|rotate-key ...`` (see simulations/audit_cli.py)
 
 Exit codes: 0 success, 2 invalid config or arguments, 1 any other medkd error.
 """
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", add_help=False,
                            help="benchmark grid: variants x partitions x seeds (`medkd bench --help`)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of simulations.bench")
+    audit = sub.add_parser("audit", add_help=False,
+                           help="verify, report on and audit what left each hospital (`medkd audit --help`)")
+    audit.add_argument("audit_args", nargs=argparse.REMAINDER, help="arguments of simulations.audit_cli")
     return parser
 
 
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.bench import main as bench_main
 
         return bench_main(argv[1:], prog="medkd bench")
+    if argv[:1] == ["audit"]:
+        from simulations.audit_cli import main as audit_main
+
+        return audit_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.command == "simulate":

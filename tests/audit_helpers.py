@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Message
 
-from client.gate import NO_DP, OutboundGate
+from client.gate import OutboundGate
 from common.config import OutputKind, WireDtype
 from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content, make_reply_content
 from tests.conftest import finite_probs, request_message
 
 PROXY_HASH = "ab" * 32
+NO_DP = "none: no formal DP guarantee"
 
 
 def make_gate(folder: Path, *, hospital: str = "H0", archive: bool = True) -> OutboundGate:

@@ -1,0 +1,138 @@
+"""``medkd audit``: verify, report on and empirically audit what left each hospital.
+
+``medkd audit verify DIR [--coordinator-key KEY] [--json]``
+    Check every hospital folder under DIR (a hospital folder, a folder of
+    them, or a simulation's output folder): chain, signatures, signed head,
+    archived payload hashes and receipts. Exit code 1 if anything was tampered
+    with (each finding names the record), 0 otherwise (notices such as a
+    release not confirmed sent are printed but are not tampering).
+``medkd audit report DIR [--html FILE] [--json FILE] [--values]``
+    What left, per round and in total; the ledger replayed into a fresh
+    accountant; mechanism labels; plots (in the HTML, one self-contained file).
+``medkd audit canary DIR [...]``
+    Empirical ε lower bound with canaries (Steinke, Nasr & Jagielski 2023);
+    see :mod:`client.canary` and ``medkd audit canary --help``.
+``medkd audit rotate-key HOSPITAL_DIR``
+    Replace a hospital's audit key (the rotation record is signed by the old key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common.errors import MedkdError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medkd audit", description="Audit what left each hospital.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="check chain, signatures, payloads and receipts; exit 1 on tampering")
+    verify.add_argument("dir", type=Path, help="hospital folder, folder of hospital folders, or a run's output folder")
+    verify.add_argument("--coordinator-key", default=None,
+                        help="the coordinator's public key (64 hex digits, or a file holding them); default "
+                             "DIR/coordinator_key.pub when DIR is a run's output folder")
+    verify.add_argument("--json", action="store_true", help="print the findings as JSON")
+    report = sub.add_parser("report", help="what left, per round and in total, and its privacy cost")
+    report.add_argument("dir", type=Path)
+    report.add_argument("--html", type=Path, default=None, help="write a self-contained HTML report here")
+    report.add_argument("--json", dest="json_out", type=Path, default=None, help="write the report as JSON here")
+    report.add_argument("--values", action="store_true", help="include every released value in the JSON")
+    canary = sub.add_parser("canary", add_help=False, help="empirical ε lower bound (`medkd audit canary --help`)")
+    canary.add_argument("canary_args", nargs=argparse.REMAINDER)
+    rotate = sub.add_parser("rotate-key", help="replace a hospital's audit key (signed hand-over in the log)")
+    rotate.add_argument("dir", type=Path, help="the hospital folder")
+    return parser
+
+
+def _coordinator_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    return path.read_text().strip() if path.is_file() else value.strip()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from client.audit_verify import verify_tree
+
+    audits = verify_tree(args.dir, coordinator_key=_coordinator_key(args.coordinator_key))
+    if not audits:
+        print(f"medkd audit: no hospital audit log under {args.dir}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([{"folder": str(a.folder), "ok": a.ok, "records": len(a.records), "receipts": a.receipts,
+                           "findings": [vars(f) for f in a.findings], "notices": [vars(n) for n in a.notices]}
+                          for a in audits], indent=2))
+    else:
+        for a in audits:
+            releases = sum(1 for r in a.records if r.get("event") == "release")
+            state = "OK" if a.ok else f"{len(a.findings)} finding(s)"
+            print(f"{a.folder}: {len(a.records)} records, {releases} releases, {a.receipts} receipts: {state}")
+            for finding in a.findings:
+                print(f"  TAMPERING {finding}")
+            for notice in a.notices:
+                print(f"  notice    {notice}")
+    return 0 if all(a.ok for a in audits) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from client.audit_report import build_report, report_html
+    from common.atomic import atomic_write_text
+
+    reports = build_report(args.dir, with_values=args.values)
+    if not reports:
+        print(f"medkd audit: no hospital audit log under {args.dir}", file=sys.stderr)
+        return 1
+    for rep in reports:
+        t, ledger = rep["totals"], rep["ledger"]
+        print(f"{rep['hospital']}: {'verified' if rep['verified'] else 'TAMPERING FOUND'}; {t['releases']} replies, "
+              f"{t['bytes']:,} bytes, {t['proxy_samples']} proxy samples ({t['unique_proxy_samples']} distinct); "
+              f"mechanisms {', '.join(t['mechanisms'])}; {ledger['statement']}"
+              + (f"; recorded ε {ledger['epsilon_recorded']:.4f} "
+                 f"{'matches' if ledger['matches'] else 'DIFFERS'}" if ledger.get("epsilon_recorded") is not None
+                 else ""))
+        for row in rep["releases"]:
+            eps = "" if row["epsilon_cumulative"] is None else f" ε={row['epsilon_cumulative']:.4f}"
+            print(f"  round {row['round']:>3} {row['kind']:<14} {row['status']:<5} {row['bytes']:>8} B "
+                  f"{row['n_indices']:>5} samples {row['mechanism']}{eps}"
+                  f"{'' if row['confirmed_sent'] else ' (not confirmed sent)'}")
+    if args.json_out:
+        atomic_write_text(args.json_out, json.dumps(reports, indent=2) + "\n")
+        print(f"JSON report: {args.json_out}")
+    if args.html:
+        atomic_write_text(args.html, report_html(reports, args.dir))
+        print(f"HTML report: {args.html}")
+    return 0 if all(r["verified"] for r in reports) else 1
+
+
+def cmd_rotate(args: argparse.Namespace) -> int:
+    from client.audit_log import AuditLog
+    from client.audit_verify import verify_folder
+
+    audit = verify_folder(args.dir)
+    if not audit.ok:
+        print(f"medkd audit: {args.dir}: the log does not verify; not rotating ({audit.findings[0]})", file=sys.stderr)
+        return 1
+    hospital = next((str(r.get("hospital")) for r in audit.records), args.dir.name)
+    new_id = AuditLog(args.dir, hospital=hospital).rotate_key()
+    print(f"{args.dir}: audit key rotated; new key id {new_id}")
+    return 0
+
+
+def main(argv: list[str], *, prog: str = "medkd audit") -> int:
+    if argv[:1] == ["canary"]:
+        from client.canary_cli import main as canary_main
+
+        return canary_main(argv[1:], prog=f"{prog} canary")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "verify":
+            return cmd_verify(args)
+        if args.command == "report":
+            return cmd_report(args)
+        return cmd_rotate(args)
+    except MedkdError as e:
+        print(f"medkd: error: {e}", file=sys.stderr)
+        return 1
