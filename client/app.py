@@ -38,14 +38,17 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def answer_query(msg: Message, hospital: Hospital) -> Message:
-    """Check the query (contract, then policy), run the teacher on the requested proxy samples, pack the outputs."""
+def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | None = None) -> Message:
+    """Check the query (contract, then policy), run the teacher on the requested proxy samples, pack the outputs.
+
+    ``split`` replaces the policy's data only for the canary audit (client/canary.py: the private set plus canaries).
+    """
     from client.selector import load_or_train_selector, selection
     from client.serve import teacher_outputs
     from client.teacher import load_or_train_teacher
     from common.split import make_split
 
-    split = make_split(hospital.cfg)
+    split = split or make_split(hospital.cfg)
     proxy = split.proxy
     query = parse_query(msg.content, proxy_size=proxy.labels.shape[0], proxy_hash=split.proxy_hash)
     check_query(query, hospital.policy, released=released_indices(hospital.folder, run_id=msg.metadata.run_id))
@@ -119,6 +122,13 @@ def fedavg_train(msg: Message, hospital: Hospital) -> Message:
     }), reply_to=msg)
 
 
+def hospital_gate(hospital: Hospital, *, run_id: int) -> OutboundGate:
+    """The outbound gate of ``hospital`` in run ``run_id``, built from its policy (the ClientApp's and the canary's)."""
+    return OutboundGate(hospital=hospital.name, folder=hospital.folder, run_id=run_id,
+                        allow_weights=hospital.policy.answers.fedavg_weights,
+                        archive_payloads=hospital.policy.audit_archive)
+
+
 class HospitalApp(ClientApp):
     """A ClientApp whose every reply, for every message type, leaves through the hospital's gate.
 
@@ -138,9 +148,7 @@ class HospitalApp(ClientApp):
             logger.error("hospital node %s is not set up: %s", context.node_id, e)
             return Message(Error(code=HOSPITAL_ERROR_CODE, reason="hospital is not set up: its policy is missing or "
                                  "invalid; details stay in the hospital's log"), reply_to=message)
-        gate = OutboundGate(hospital=hospital.name, folder=hospital.folder, run_id=context.run_id,
-                            allow_weights=hospital.policy.answers.fedavg_weights,
-                            archive_payloads=hospital.policy.audit_archive)
+        gate = hospital_gate(hospital, run_id=context.run_id)
         _note_ignored_run_config(context, gate)
         dispatch: Callable[[Message], Message] = lambda m: super(HospitalApp, self).__call__(m, context)  # noqa: E731
         try:

@@ -9,9 +9,9 @@
 ``medkd audit report DIR [--html FILE] [--json FILE] [--values]``
     What left, per round and in total; the ledger replayed into a fresh
     accountant; mechanism labels; plots (in the HTML, one self-contained file).
-``medkd audit canary DIR [...]``
-    Empirical ε lower bound with canaries (Steinke, Nasr & Jagielski 2023);
-    see :mod:`client.canary` and ``medkd audit canary --help``.
+``medkd audit canary DIR [--m M] [--k-plus K] [--k-minus K] [--runs R] [--alpha A] [--work DIR]``
+    Empirical ε lower bound with canaries (Steinke, Nasr & Jagielski 2023),
+    printed as JSON; exit 3 if it exceeds the ledger's ε (see :mod:`client.canary`).
 ``medkd audit rotate-key HOSPITAL_DIR``
     Replace a hospital's audit key (the rotation record is signed by the old key).
 """
@@ -40,8 +40,19 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--html", type=Path, default=None, help="write a self-contained HTML report here")
     report.add_argument("--json", dest="json_out", type=Path, default=None, help="write the report as JSON here")
     report.add_argument("--values", action="store_true", help="include every released value in the JSON")
-    canary = sub.add_parser("canary", add_help=False, help="empirical ε lower bound (`medkd audit canary --help`)")
-    canary.add_argument("canary_args", nargs=argparse.REMAINDER)
+    canary = sub.add_parser("canary", help="empirical ε lower bound from canaries (Steinke, Nasr & Jagielski 2023)")
+    canary.add_argument("dir", type=Path, help="the hospital folder (holding policy.yaml) or the policy file")
+    canary.add_argument("--m", type=int, default=200, help="canaries per run (proxy samples given wrong labels)")
+    canary.add_argument("--k-plus", type=int, default=None, help="guess 'in' for this many top scores (default m/10)")
+    canary.add_argument("--k-minus", type=int, default=None, help="guess 'out' for this many bottom scores "
+                        "(default m/10)")
+    canary.add_argument("--runs", type=int, default=1, help="independent runs, pooled; > 1 also reports the "
+                        "Clopper-Pearson bound")
+    canary.add_argument("--alpha", type=float, default=0.05, help="1 - confidence of the bound")
+    canary.add_argument("--delta", type=float, default=1e-5, help="δ when the hospital keeps no ledger")
+    canary.add_argument("--seed", type=int, default=0, help="seed of the canary choice, labels and inclusion")
+    canary.add_argument("--work", type=Path, default=None, help="scratch folder (default DIR/canary-audit)")
+    canary.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     rotate = sub.add_parser("rotate-key", help="replace a hospital's audit key (signed hand-over in the log)")
     rotate.add_argument("dir", type=Path, help="the hospital folder")
     return parser
@@ -121,17 +132,40 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str], *, prog: str = "medkd audit") -> int:
-    if argv[:1] == ["canary"]:
-        from client.canary_cli import main as canary_main
+def cmd_canary(args: argparse.Namespace) -> int:
+    from client.canary import CanaryViolation, run_canary_audit
+    from common.atomic import atomic_write_text
+    from common.policy import POLICY_FILE
 
-        return canary_main(argv[1:], prog=f"{prog} canary")
+    policy = args.dir if args.dir.is_file() else args.dir / POLICY_FILE
+    k_plus = args.m // 10 if args.k_plus is None else args.k_plus
+    k_minus = args.m // 10 if args.k_minus is None else args.k_minus
+    status = 0
+    try:
+        result = run_canary_audit(policy, m=args.m, k_plus=k_plus, k_minus=k_minus, runs=args.runs, seed=args.seed,
+                                  alpha=args.alpha, delta=args.delta, work_dir=args.work or policy.parent / "canary-audit")
+    except CanaryViolation as e:
+        print(f"medkd audit canary: VIOLATION: {e}", file=sys.stderr)
+        result, status = e.result, 3  # type: ignore[attr-defined]
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        atomic_write_text(args.out, text + "\n")
+    return status
+
+
+def main(argv: list[str], *, prog: str = "medkd audit") -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = _parser().parse_args(argv)
     try:
         if args.command == "verify":
             return cmd_verify(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "canary":
+            return cmd_canary(args)
         return cmd_rotate(args)
     except MedkdError as e:
         print(f"medkd: error: {e}", file=sys.stderr)
