@@ -26,9 +26,11 @@ from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, Record
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from client.gate import NO_DP, OutboundGate
+from client.gate import OutboundGate
 from client.hospital import (Hospital, check_query, hospitals_root, ignored_run_config, load_hospital, locate_policy,
                              released_indices)
+from client.privacy import describe
+from common.config import PrivacyMechanism
 from common.errors import PolicyRefusal
 from common.payload import HOSPITAL_ERROR_CODE, Query, make_reply_content, parse_query, reportable
 
@@ -41,9 +43,11 @@ logger = logging.getLogger(__name__)
 def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | None = None) -> Message:
     """Check the query (contract, then policy), run the teacher on the requested proxy samples, pack the outputs.
 
+    Under the policy's privacy mechanism: ``pate`` and ``hospital_gaussian`` answers are noised and staged
+    for charging (:mod:`client.dp_serve`); a ``dp_sgd_teacher`` answers with its DP-trained teacher. Under any
+    mechanism the reply carries no local validation figure and announces ``privacy.declared_size`` as its size.
     ``split`` replaces the policy's data only for the canary audit (client/canary.py: the private set plus canaries).
     """
-    from client.selector import load_or_train_selector, selection
     from client.serve import teacher_outputs
     from client.teacher import load_or_train_teacher
     from common.split import make_split
@@ -53,16 +57,33 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
     query = parse_query(msg.content, proxy_size=proxy.labels.shape[0], proxy_hash=split.proxy_hash)
     check_query(query, hospital.policy, released=released_indices(hospital.folder, run_id=msg.metadata.run_id))
     _keep_receipt(query, hospital, run_id=msg.metadata.run_id)
+    privacy = hospital.policy.privacy
+    label = describe(privacy).label
+    if privacy.mechanism in (PrivacyMechanism.PATE, PrivacyMechanism.HOSPITAL_GAUSSIAN):
+        from client.dp_serve import noisy_answers
+
+        outputs, model = noisy_answers(query=query, hospital=hospital, split=split, run_id=msg.metadata.run_id)
+        content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=model,
+                                     privacy=label, num_private=privacy.declared_size, val_auc=float("nan"))
+        return Message(content, reply_to=msg)
     teacher, info = load_or_train_teacher(cfg=hospital.cfg, split=split, hospital=hospital.index,
-                                          hospital_dir=hospital.folder)
+                                          hospital_dir=hospital.folder, run_id=msg.metadata.run_id)
     images = split.proxy_on(next(teacher.parameters()).device).take(query.indices)  # only the queried samples
+    if privacy.mechanism == PrivacyMechanism.DP_SGD_TEACHER:  # post-processing of the DP-SGD teacher: free
+        outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
+                                  amp=hospital.cfg.amp)
+        content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
+                                     privacy=label, num_private=privacy.declared_size, val_auc=float("nan"))
+        return Message(content, reply_to=msg)
+    from client.selector import load_or_train_selector, selection
+
     selector = load_or_train_selector(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                       hospital_dir=hospital.folder, teacher=teacher)
     outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
                               amp=hospital.cfg.amp, bias=selector.bias if selector else None)
     mask, density = selection(selector, teacher, images, amp=hospital.cfg.amp) if selector else (None, None)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
-                                 privacy=NO_DP, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
+                                 privacy=label, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
                                  density=density, label_counts=_label_counts(query, hospital, split))
     return Message(content, reply_to=msg)
 
@@ -99,12 +120,19 @@ def train_teacher_now(msg: Message, hospital: Hospital) -> Message:
 
     if not hospital.policy.answers.train_teacher:
         raise PolicyRefusal("this hospital does not retrain its teacher on request", field="answers.train_teacher")
+    privacy = hospital.policy.privacy
+    if privacy.mechanism == PrivacyMechanism.PATE:
+        raise PolicyRefusal("PATE teachers are trained once per policy; they are not retrained on request",
+                            field="privacy.mechanism")
     _, info = load_or_train_teacher(cfg=hospital.cfg, split=make_split(hospital.cfg), hospital=hospital.index,
-                                    hospital_dir=hospital.folder, retrain=True)
-    return Message(RecordDict({"metrics": MetricRecord({
-        "num_private": info.num_private, "val_auc": reportable(info.val_auc), "val_acc": reportable(info.val_acc),
-        "epochs_run": info.epochs_run})}),
-        reply_to=msg)
+                                    hospital_dir=hospital.folder, retrain=True, run_id=msg.metadata.run_id)
+    if privacy.mechanism != PrivacyMechanism.NONE:  # sizes and local figures are private data outside the mechanism
+        metrics = {"num_private": privacy.declared_size, "val_auc": -1.0, "val_acc": -1.0,
+                   "epochs_run": info.epochs_run}
+    else:
+        metrics = {"num_private": info.num_private, "val_auc": reportable(info.val_auc),
+                   "val_acc": reportable(info.val_acc), "epochs_run": info.epochs_run}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def fedavg_train(msg: Message, hospital: Hospital) -> Message:
@@ -125,7 +153,7 @@ def fedavg_train(msg: Message, hospital: Hospital) -> Message:
 def hospital_gate(hospital: Hospital, *, run_id: int) -> OutboundGate:
     """The outbound gate of ``hospital`` in run ``run_id``, built from its policy (the ClientApp's and the canary's)."""
     return OutboundGate(hospital=hospital.name, folder=hospital.folder, run_id=run_id,
-                        allow_weights=hospital.policy.answers.fedavg_weights,
+                        allow_weights=hospital.policy.answers.fedavg_weights, privacy=hospital.policy.privacy,
                         archive_payloads=hospital.policy.audit_archive)
 
 

@@ -13,17 +13,19 @@ every handler and every Flower mod, so that nothing runs after it:
    (teacher outputs for ``query.logits``, metrics for ``train.teacher``,
    model weights for ``train`` only where the policy opted in) and is not
    too large; a reply that breaks this is withheld and replaced by an error;
-3. it serialises the reply exactly as it will travel (a query reply first
+3. it charges the privacy ledger for every release the handler staged
+   (:func:`stage_charge`): a release past the policy's budget is refused
+   with "privacy budget exhausted" and nothing else leaves; otherwise the
+   reply's metrics get the hospital's ε and δ after it;
+4. it serialises the reply exactly as it will travel (a query reply first
    stamped with the audit log's head, ``hospital.audit_seq``/``audit_head``,
    for the coordinator's receipt), appends a signed ``release`` record to the
    hash-chained audit log (:mod:`client.audit_log`: payload hash, shape and
-   dtype, proxy manifest and indices, privacy labels; the bytes archived),
+   dtype, proxy manifest and indices, mechanism and ε; the bytes archived),
    then one summary line to ``outbound.jsonl`` (single write + fsync), then a
    ``sent`` record, and sends a fresh copy decoded from those very bytes, so
    that nothing can change the payload after it was hashed and logged. If a
    log cannot be written the error propagates and nothing is sent.
-
-Later mechanisms (DP noise, the privacy ledger) hook in here.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import re
 import time
 import traceback
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import Error, Message
@@ -43,13 +47,16 @@ from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
 from client.audit_log import AuditLog
 from client.hospital import LOCAL_LOG, OUTBOUND_LOG
+from client.ledger import BudgetExhausted, PrivacyLedger, read_entries
+from client.privacy import describe
+from common.accounting import PrivacyEvent, epsilon
+from common.config import PolicyPrivacy, PrivacyMechanism
 from common.errors import DataError, PayloadError, PolicyError
-from common.payload import (FEDAVG_MESSAGE_TYPE, HOSPITAL_ERROR_CODE, QUERY_MESSAGE_TYPE, QUERY_REJECTED_CODE,
-                            TEACHER_MESSAGE_TYPE, WITHHELD_CODE, wire_bytes)
+from common.payload import (BUDGET_EXHAUSTED_CODE, FEDAVG_MESSAGE_TYPE, HOSPITAL_ERROR_CODE, QUERY_MESSAGE_TYPE,
+                            QUERY_REJECTED_CODE, TEACHER_MESSAGE_TYPE, WITHHELD_CODE, wire_bytes)
 
 logger = logging.getLogger(__name__)
 
-NO_DP = "none: no formal DP guarantee"
 MAX_REASON = 400
 _PATH = re.compile(r"(?:(?<=\s)|(?<=^)|(?<=['\"(=]))(?:~|[A-Za-z]:)?[/\\][^\s'\",;)]*")
 
@@ -59,6 +66,30 @@ _REPLY_RECORDS: dict[str, tuple[set[str], set[str], set[str]]] = {
     TEACHER_MESSAGE_TYPE: (set(), {"metrics"}, set()),
     FEDAVG_MESSAGE_TYPE: ({"arrays"}, {"metrics"}, {"hospital"}),
 }
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A release a handler prepared, to be charged by the gate before it leaves.
+
+    ``on_release`` runs after the ledger accepted the charge (e.g. recording
+    the released values so that a repeated query is answered for free).
+    """
+
+    event: PrivacyEvent
+    description: str
+    on_release: Callable[[], None] | None = None
+
+
+_STAGED: ContextVar[list[Charge] | None] = ContextVar("medkd_staged_charges", default=None)
+
+
+def stage_charge(charge: Charge) -> None:
+    """Stage ``charge`` with the gate now guarding this reply; it is charged before anything leaves."""
+    staged = _STAGED.get()
+    if staged is None:
+        raise RuntimeError("a privacy charge was staged outside OutboundGate.guard: every release must pass the gate")
+    staged.append(charge)
 
 
 def scrub(text: str) -> str:
@@ -71,12 +102,14 @@ class OutboundGate:
     """Checks, records and releases every reply of one hospital."""
 
     def __init__(self, *, hospital: str, folder: Path, run_id: int, allow_weights: bool = False,
-                 privacy: str = NO_DP, max_bytes: int = 64 * 2**20, archive_payloads: bool = True) -> None:
+                 privacy: PolicyPrivacy | None = None, max_bytes: int = 64 * 2**20,
+                 archive_payloads: bool = True) -> None:
         self.hospital = hospital
         self.folder = Path(folder)
         self.run_id = int(run_id)
         self.allow_weights = allow_weights
-        self.privacy = privacy
+        self.policy_privacy = privacy or PolicyPrivacy()
+        self.privacy = describe(self.policy_privacy).label
         self.max_bytes = max_bytes
         self.audit = AuditLog(self.folder, hospital=hospital, archive_payloads=archive_payloads)
 
@@ -85,8 +118,20 @@ class OutboundGate:
     def guard(self, request: Message, handle: Callable[[Message], Message]) -> Message:
         """Run ``handle(request)`` and release its reply (or an error reply) through the gate."""
         kind, round_ = _kind(request), _round(request)
+        token = _STAGED.set([])
+        try:
+            return self._guard(request, handle, kind, round_)
+        finally:
+            _STAGED.reset(token)
+
+    def _guard(self, request: Message, handle: Callable[[Message], Message], kind: str, round_: str) -> Message:
         try:
             reply = handle(request)
+        except BudgetExhausted as e:  # e.g. a DP-SGD (re)training the budget does not allow: nothing was trained
+            reason = f"hospital {self.hospital} refused {kind} (round {round_}): {e}"
+            self.note(reason)
+            logger.warning("%s", reason)
+            reply = Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason), reply_to=request)
         except PayloadError as e:  # a refusal: the reason names the field or the policy key
             reason = f"hospital {self.hospital} refused {kind} (round {round_}): {e.reason}"
             self.note(reason)
@@ -105,8 +150,18 @@ class OutboundGate:
     def release(self, request: Message, reply: object) -> Message:
         """Check ``reply``, log the SHA-256 of its wire bytes, and return a copy decoded from those bytes."""
         kind, round_ = _kind(request), _round(request)
+        privacy_fields: dict[str, object] = {}
         if isinstance(reply, Message) and reply.has_content():
             problem = self._check_content(kind, reply)
+            if problem is None:
+                try:
+                    privacy_fields = self._charge(request, reply, kind)
+                except BudgetExhausted as e:
+                    reason = f"hospital {self.hospital} refused {kind} (round {round_}): {e}"
+                    self.note(reason)
+                    logger.warning("%s", reason)
+                    return self.release(request, Message(Error(code=BUDGET_EXHAUSTED_CODE, reason=reason),
+                                                         reply_to=request))
             if problem is None:
                 if kind == QUERY_MESSAGE_TYPE:
                     _stamp_head(reply, self.audit)
@@ -115,7 +170,7 @@ class OutboundGate:
                 if len(wire) <= self.max_bytes:
                     outgoing = Message(recorddict_from_proto(proto), reply_to=request)
                     self._log(request, status="sent", wire=wire, n_indices=_n_indices(kind, outgoing),
-                              extras=_extras(kind, outgoing), outgoing=outgoing)
+                              extras={**_extras(kind, outgoing), **privacy_fields}, outgoing=outgoing)
                     return outgoing
                 problem = f"payload of {len(wire)} bytes exceeds the gate's limit of {self.max_bytes}"
             self.note(f"withheld a {kind} reply (round {round_}): {problem}")
@@ -128,6 +183,38 @@ class OutboundGate:
         outgoing = Message(Error(code=int(reply.error.code), reason=scrub(str(reply.error.reason))), reply_to=request)
         self._log(request, status="error", wire=wire_bytes(outgoing), n_indices=0, code=int(reply.error.code))
         return outgoing
+
+    def _charge(self, request: Message, reply: Message, kind: str) -> dict[str, object]:
+        """Charge the staged releases (all or none leave), then state ε and δ in a query reply's metrics.
+
+        Returns the privacy fields of the outbound log line. Raises
+        :class:`BudgetExhausted` (nothing charged beyond the ledger's own
+        all-or-nothing entries) when the budget refuses.
+        """
+        staged = _STAGED.get() or []
+        mechanism = self.policy_privacy.mechanism
+        if mechanism == PrivacyMechanism.NONE:
+            if staged:
+                raise RuntimeError("a charge was staged under privacy.mechanism none")
+            return {}
+        ledger = PrivacyLedger(self.folder, delta=self.policy_privacy.delta,
+                               budget_epsilon=self.policy_privacy.budget_epsilon)
+        round_ = _round(request)
+        for charge in staged:
+            ledger.charge(charge.event, mechanism=mechanism.value, description=charge.description,
+                          run_id=self.run_id, round=int(round_) if round_.isdigit() else None)
+        released = epsilon([c.event for c in staged], self.policy_privacy.delta) if staged else 0.0
+        for charge in staged:
+            if charge.on_release is not None:
+                charge.on_release()
+        entries = read_entries(ledger.path)
+        spent = entries[-1].epsilon_after if entries else 0.0
+        if kind == QUERY_MESSAGE_TYPE:
+            metrics = reply.content.metric_records["metrics"]
+            metrics["epsilon"] = float(spent)
+            metrics["delta"] = float(self.policy_privacy.delta)
+        return {"mechanism": mechanism.value, "epsilon_release": float(released),
+                "epsilon_cumulative": float(spent), "delta": self.policy_privacy.delta, "charged": len(staged)}
 
     def _check_content(self, kind: str, reply: Message) -> str | None:
         allowed = _REPLY_RECORDS.get(kind)
@@ -149,6 +236,13 @@ class OutboundGate:
                 return "ArrayRecord 'outputs' must hold the array 'outputs' and at most 'mask' and 'density'"
             if set(content.metric_records.get("metrics", {})) - {"num_private", "val_auc", "label_counts"}:
                 return "MetricRecord 'metrics' may hold only num_private, val_auc and label_counts"
+            if self.policy_privacy.mechanism != PrivacyMechanism.NONE:
+                metrics = content.metric_records.get("metrics", {})
+                leaks = [k for k in ("label_counts",) if k in metrics] + [k for k in ("mask", "density")
+                                                                          if k in arrays_out]
+                if leaks or metrics.get("val_auc", -1.0) != -1.0:
+                    return (f"under privacy.mechanism {self.policy_privacy.mechanism.value} a reply may not carry "
+                            f"{leaks or ['val_auc']}: computed from private data outside the mechanism")
         return None
 
     # ------------------------------------------------------------------ logs

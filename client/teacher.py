@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_torch_save, load_saved
-from common.config import ExperimentConfig, config_to_dict
+from common.config import ExperimentConfig, PrivacyMechanism, config_to_dict
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
 from common.data import class_counts
@@ -47,6 +47,7 @@ class TeacherInfo:
     epochs_run: int
     seconds: float
     fingerprint: str
+    mechanism: str = "none"  # "dp_sgd_teacher": trained with DP-SGD (GroupNorm architecture)
 
 
 def teacher_seed(cfg: ExperimentConfig, hospital: int) -> int:
@@ -65,15 +66,35 @@ def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: 
     settings.pop("model")  # the hospital's own architecture is hashed above
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(f"{cfg.data.local_val_fraction}|{teacher_seed(cfg, hospital)}".encode())
+    privacy = cfg.policy_rules(hospital).privacy
+    if privacy.mechanism != PrivacyMechanism.NONE:  # a DP teacher is another teacher (and another charge)
+        from client.dp_teacher import privacy_settings
+
+        h.update(privacy_settings(privacy).encode())
     return h.hexdigest()
 
 
-def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> tuple[nn.Module, TeacherInfo]:
+def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *, folder: Path | None = None,
+                  run_id: int = 0) -> tuple[nn.Module, TeacherInfo]:
     """Train hospital ``hospital``'s teacher on its private data (early stopping on a local validation split).
 
-    It trains on ``cfg.device`` (the hospital's policy device) and is returned there.
+    It trains on ``cfg.device`` (the hospital's policy device) and is returned there. Under the policy's
+    ``dp_sgd_teacher`` mechanism it trains with DP-SGD instead, charged to the ledger in ``folder`` first.
     """
     name = hospital_name(hospital)
+    privacy = cfg.policy_rules(hospital).privacy
+    if privacy.mechanism == PrivacyMechanism.DP_SGD_TEACHER:
+        from client.dp_teacher import train_dp_sgd_teacher
+
+        if folder is None:
+            raise ValueError("a DP-SGD teacher needs the hospital folder (its privacy ledger is there)")
+        model, facts = train_dp_sgd_teacher(cfg=cfg, split=split, hospital=hospital, privacy=privacy, folder=folder,
+                                            seed=teacher_seed(cfg, hospital), run_id=run_id)
+        info = TeacherInfo(hospital=name, model=cfg.teacher_model(hospital), fingerprint=teacher_fingerprint(
+            cfg, split, hospital), mechanism=privacy.mechanism.value, **facts)  # type: ignore[arg-type]
+        logger.info("%s: DP-SGD teacher ready (%.1f s; no local validation: selection on private data would be "
+                    "an uncharged release)", name, info.seconds)
+        return model, info
     private = split.hospital(hospital)
     train_pos, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
                                          seed=teacher_seed(cfg, hospital))
@@ -162,7 +183,7 @@ _CACHE = TeacherCache()
 
 
 def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospital: int, hospital_dir: Path,
-                          retrain: bool = False) -> tuple[nn.Module, TeacherInfo]:
+                          retrain: bool = False, run_id: int = 0) -> tuple[nn.Module, TeacherInfo]:
     """Load ``<hospital_dir>/teacher.pt`` if it matches this config, else train and save it; on ``cfg.device``.
 
     A teacher already loaded by this process (same file, same fingerprint) is served from memory.
@@ -180,6 +201,10 @@ def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospi
         saved, info = loaded
         if info.fingerprint == fingerprint:
             model = build_model(info.model, split.model_spec())
+            if info.mechanism == PrivacyMechanism.DP_SGD_TEACHER.value:
+                from client.dp_teacher import dp_ready
+
+                model = dp_ready(model)
             model.load_state_dict(saved["state_dict"])
             model = place_model(model, resolve_device(cfg.device))
             model.eval()
@@ -187,7 +212,7 @@ def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospi
             return model, info
         logger.info("%s: teacher checkpoint %s was trained from other data or settings; retraining",
                     hospital_name(hospital), path)
-    model, info = train_teacher(cfg, split, hospital)
+    model, info = train_teacher(cfg, split, hospital, folder=Path(hospital_dir), run_id=run_id)
     save_teacher(path, model, info)
     model.eval()
     _CACHE.put(TeacherCache.key(path, device=cfg.device, fingerprint=fingerprint), (model, info))

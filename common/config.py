@@ -25,7 +25,8 @@ import yaml
 
 from common.errors import ConfigError
 from common.names import (DEVICE_PATTERN, FAULT_NAMES, MODEL_NAMES, AggregatorName, Method,  # noqa: F401
-                          OutputKind, PartitionName, ProxySource, SelectorKind, WireDtype)
+                          OutputKind, PartitionName, PateRelease, PrivacyMechanism, ProxySource, SelectorKind,
+                          WireDtype)
 from common.schema import apply_overrides, build_dataclass, documented, parse_overrides, reference_rows, to_plain
 
 __all__ = [
@@ -47,7 +48,10 @@ __all__ = [
     "PolicyAnswers",
     "PolicyOutputs",
     "PolicyLimits",
+    "PolicyPrivacy",
     "PolicyRules",
+    "PrivacyMechanism",
+    "PateRelease",
     "ExperimentConfig",
     "load_config",
     "build_config",
@@ -144,6 +148,9 @@ class QueryConfig:
     dtype: WireDtype = documented(WireDtype.FLOAT16, doc="float width of outputs on the wire")
     max_indices: int = documented(4096, ge=1, doc="largest query the coordinator sends (each hospital's policy "
                                    "limits.max_indices_per_query decides what it answers)")
+    requery_held: bool = documented(False, doc="ask again for proxy samples the coordinator already holds answers "
+                                    "for (off: teachers do not change during a run, so a repeat adds nothing and "
+                                    "could only spend hospitals' privacy budgets)")
     simplex_tolerance: float = documented(1e-2, gt=0.0, doc="allowed |row sum - 1| for probability replies")
 
 
@@ -182,12 +189,34 @@ class PolicyLimits:
 
 
 @dataclass(frozen=True)
+class PolicyPrivacy:
+    mechanism: PrivacyMechanism = documented(PrivacyMechanism.NONE, doc="none (no formal DP guarantee) | "
+                                             "dp_sgd_teacher (record-level, Opacus DP-SGD) | pate (record-level, "
+                                             "noisy aggregation of disjoint teachers) | hospital_gaussian "
+                                             "(hospital-level, clipped outputs plus Gaussian noise)")
+    budget_epsilon: float = documented(8.0, gt=0.0, doc="the most ε (PLD, at `delta`) this hospital spends in "
+                                       "total; a release past it is refused with 'privacy budget exhausted'")
+    delta: float = documented(1e-5, gt=0.0, lt=1.0, doc="δ of every guarantee this hospital states")
+    target_epsilon: float = documented(0.0, ge=0.0, doc="dp_sgd_teacher: ε of one teacher training (σ is "
+                                       "calibrated to it under PLD); 0 = use noise_multiplier")
+    noise_multiplier: float = documented(1.0, gt=0.0, doc="noise std / L2 sensitivity: dp_sgd_teacher's σ "
+                                         "(when target_epsilon is 0); pate's and hospital_gaussian's per answer")
+    max_grad_norm: float = documented(1.0, gt=0.0, doc="dp_sgd_teacher: per-sample gradient clipping norm")
+    partitions: int = documented(10, ge=2, le=1000, doc="pate: disjoint teacher partitions of the private data")
+    pate_release: PateRelease = documented(PateRelease.VOTES, doc="pate: votes (noisy vote histogram, GNMax) | "
+                                           "probs (noisy sum of the partitions' probability vectors)")
+    declared_size: int = documented(1, ge=1, doc="under a DP mechanism, the num_private the hospital announces "
+                                    "(a public figure it chooses, not computed from its data; weights aggregators)")
+
+
+@dataclass(frozen=True)
 class PolicyRules:
     """The policy's rules (what may leave), shared by a hospital's file and an experiment's convenience section."""
 
     answers: PolicyAnswers = field(default_factory=PolicyAnswers)
     outputs: PolicyOutputs = field(default_factory=PolicyOutputs)
     limits: PolicyLimits = field(default_factory=PolicyLimits)
+    privacy: PolicyPrivacy = field(default_factory=PolicyPrivacy)
 
 
 @dataclass(frozen=True)
@@ -278,10 +307,40 @@ def _cross_checks(cfg: ExperimentConfig, problems: list[str]) -> None:
             cfg.policy_rules(i).answers.label_counts for i in range(cfg.federation.hospitals)):
         problems.append("aggregator: 'label_aware' needs label counts, but no hospital's policy releases them; "
                         "set policy.answers.label_counts: true")
+    for index in range(cfg.federation.hospitals):
+        rules = cfg.policy_rules(index)
+        key = f"policy_per_hospital.{index}" if str(index) in cfg.policy_per_hospital else "policy"
+        for problem in privacy_conflicts(rules.privacy.mechanism, selector=cfg.selector.kind,
+                                         label_counts=rules.answers.label_counts, prefix=key + ".",
+                                         selector_key="selector"):
+            if problem not in problems:
+                problems.append(problem)
     if cfg.query.max_indices < cfg.distill.proxy_batch:
         problems.append(
             f"query.max_indices: must be >= distill.proxy_batch ({cfg.distill.proxy_batch}), got {cfg.query.max_indices}"
         )
+
+
+def privacy_conflicts(mechanism: PrivacyMechanism, *, selector: SelectorKind, label_counts: bool, prefix: str,
+                      selector_key: str) -> list[str]:
+    """What a hospital may not release under a DP mechanism: outputs computed from private data outside it.
+
+    A selector's mask and density ratio, its calibration bias and label
+    counts are all computed from the private data but no mechanism covers
+    them, so a DP policy must not release them (medkd forbids rather than
+    charges them).
+    """
+    if mechanism == PrivacyMechanism.NONE:
+        return []
+    problems = []
+    if selector != SelectorKind.NONE:
+        problems.append(f"{selector_key}.kind: must be none under {prefix}privacy.mechanism {mechanism.value} "
+                        f"(abstention masks, density ratios and calibration come from private data outside the DP "
+                        f"mechanism), got {selector.value!r}")
+    if label_counts:
+        problems.append(f"{prefix}answers.label_counts: must be false under {prefix}privacy.mechanism "
+                        f"{mechanism.value} (label counts are private data no mechanism covers)")
+    return problems
 
 
 def build_config(raw: Any, *, source: str = "<config>", overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -10,7 +10,7 @@ import re
 from enum import StrEnum
 
 __all__ = ["DEVICE_PATTERN", "MODEL_NAMES", "FAULT_NAMES", "Method", "AggregatorName", "SelectorKind",
-           "PartitionName", "OutputKind", "WireDtype", "ProxySource"]
+           "PartitionName", "OutputKind", "WireDtype", "ProxySource", "PrivacyMechanism", "PateRelease"]
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # checked here; resolved by common.device
 MODEL_NAMES = ("smallcnn", "densenet121", "resnet18", "resnet34", "resnet50")
@@ -73,3 +73,19 @@ class ProxySource(StrEnum):
 
     TRAIN = "train"
     VAL = "val"
+
+
+class PrivacyMechanism(StrEnum):
+    """How a hospital makes what leaves it differentially private (see client/privacy.py for each one's guarantee)."""
+
+    NONE = "none"
+    DP_SGD_TEACHER = "dp_sgd_teacher"
+    PATE = "pate"
+    HOSPITAL_GAUSSIAN = "hospital_gaussian"
+
+
+class PateRelease(StrEnum):
+    """What a PATE hospital releases per proxy sample: a noisy vote histogram (GNMax) or a noisy probability sum."""
+
+    VOTES = "votes"
+    PROBS = "probs"

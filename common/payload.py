@@ -13,6 +13,8 @@ Reply (hospital -> server)::
                              "mask"    -> (N,) uint8, optional: 1 answered, 0 abstained (selector)
                              "density" -> (N,) float16, optional: density ratio p_hospital(x)/p_proxy(x)
     MetricRecord "metrics":  num_private (int), val_auc (float in [0, 1], or -1 when undefined),
+                             optional epsilon and delta (float, together: the hospital's ε spent so far,
+                             from its ledger, under a DP mechanism; added by its gate),
                              label_counts (C ints summing to num_private), optional: only when the
                              query asked and the hospital's policy releases them
     ConfigRecord "hospital": name (str), model (str), privacy (str), optional together:
@@ -59,6 +61,7 @@ FEDAVG_MESSAGE_TYPE = "train"
 QUERY_REJECTED_CODE = 100  # a hospital refused a query: malformed, or outside its policy
 HOSPITAL_ERROR_CODE = 101  # a hospital could not answer (details stay in its own log)
 WITHHELD_CODE = 102  # a hospital's gate withheld a reply that broke the outbound contract
+BUDGET_EXHAUSTED_CODE = 103  # a hospital refused: the release would exceed its privacy budget (nothing left it)
 
 MAX_ROUND = 10**6
 MAX_PRIVATE = 10**9
@@ -99,6 +102,8 @@ class Reply:
     mask: np.ndarray | None = None  # (N,) bool: True where the hospital answered
     density: np.ndarray | None = None  # (N,) float32 >= 0
     label_counts: np.ndarray | None = None  # (C,) int64, sums to num_private
+    epsilon: float | None = None  # the hospital's ε spent so far (its ledger, at ``delta``), under a DP mechanism
+    delta: float | None = None
     audit_seq: int | None = None  # the hospital's audit-log head when the reply left
     audit_head: str | None = None
 
@@ -288,7 +293,16 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
             raise PayloadError("density ratios must be finite and >= 0", field="outputs.density")
     metrics = content.metric_records["metrics"]
     present_metrics = {str(k) for k in metrics.keys()}
-    check_keys(metrics, field="metrics", required={"num_private", "val_auc"} | (present_metrics & {"label_counts"}))
+    optional = present_metrics & {"label_counts", "epsilon", "delta"}
+    check_keys(metrics, field="metrics", required={"num_private", "val_auc"} | optional)
+    if len(present_metrics & {"epsilon", "delta"}) == 1:
+        raise PayloadError("epsilon and delta come together", field="metrics")
+    spent = delta = None
+    if "epsilon" in present_metrics:
+        spent = as_number(metrics["epsilon"], field="metrics.epsilon")
+        delta = as_number(metrics["delta"], field="metrics.delta")
+        if spent < 0 or not 0 < delta < 1:
+            raise PayloadError(f"need epsilon >= 0 and 0 < delta < 1, got {spent} and {delta}", field="metrics")
     num_private = as_integer(metrics["num_private"], field="metrics.num_private", low=0, high=MAX_PRIVATE)
     label_counts = None
     if "label_counts" in present_metrics:
@@ -308,8 +322,8 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
         audit_seq = as_integer(info["audit_seq"], field="hospital.audit_seq", low=0, high=2**62)
         audit_head = as_text(info["audit_head"], field="hospital.audit_head", max_len=64, pattern=HEX64)
     return Reply(hospital=name, model=model, privacy=privacy, outputs=values, num_private=num_private,
-                 val_auc=val_auc, mask=mask, density=density, label_counts=label_counts, audit_seq=audit_seq,
-                 audit_head=audit_head)
+                 val_auc=val_auc, mask=mask, density=density, label_counts=label_counts, epsilon=spent, delta=delta,
+                 audit_seq=audit_seq, audit_head=audit_head)
 
 
 def _label_counts(value: Any, *, n_classes: int, num_private: int) -> np.ndarray:

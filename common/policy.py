@@ -9,7 +9,9 @@ The coordinator never configures a hospital. Each hospital reads
 - which message kinds it answers (``answers``: teacher outputs always;
   FedAvg model weights only if it opted in, for baseline studies);
 - which output kinds, wire dtypes and temperatures it allows (``outputs``);
-- how many proxy indices it answers per query and per run (``limits``).
+- how many proxy indices it answers per query and per run (``limits``);
+- which differential-privacy mechanism protects what leaves, and its budget
+  (``privacy``; see :mod:`client.privacy`).
 
 A coordinator's query can only *request* within these limits; a request
 outside them is refused with an error reply naming the policy key. Paths or
@@ -32,8 +34,8 @@ import yaml
 
 from common.atomic import atomic_write_text
 from common.config import (DEVICE_PATTERN, MODEL_NAMES, DataConfig, ExperimentConfig, FederationConfig, Method,
-                           PartitionName, PolicyAnswers, PolicyLimits, PolicyOutputs, ProxySource, SelectorConfig,
-                           TeacherConfig)
+                           PartitionName, PolicyAnswers, PolicyLimits, PolicyOutputs, PolicyPrivacy, PolicyRules, PrivacyMechanism,
+                           ProxySource, SelectorConfig, TeacherConfig, privacy_conflicts)
 from common.errors import PolicyError
 from common.schema import build_dataclass, documented, reference_rows, to_plain
 
@@ -89,6 +91,7 @@ class HospitalPolicy:
     answers: PolicyAnswers = field(default_factory=PolicyAnswers)
     outputs: PolicyOutputs = field(default_factory=PolicyOutputs)
     limits: PolicyLimits = field(default_factory=PolicyLimits)
+    privacy: PolicyPrivacy = field(default_factory=PolicyPrivacy)
 
     def folder_path(self, policy_path: Path) -> Path:
         """The hospital's folder: ``folder`` (relative to the policy file) or the policy file's folder."""
@@ -121,6 +124,11 @@ def _cross_checks(policy: HospitalPolicy, problems: list[str]) -> None:
                         f"({policy.limits.max_indices_per_run}), got {policy.limits.max_indices_per_query}")
     if policy.data.proxy_fraction <= 0:
         problems.append("data.proxy_fraction: must be > 0 (the public proxy set is what the hospital labels)")
+    problems.extend(privacy_conflicts(policy.privacy.mechanism, selector=policy.selector.kind,
+                                      label_counts=policy.answers.label_counts, prefix="", selector_key="selector"))
+    if policy.privacy.mechanism != PrivacyMechanism.NONE and policy.answers.fedavg_weights:
+        problems.append(f"answers.fedavg_weights: must be false under privacy.mechanism "
+                        f"{policy.privacy.mechanism.value} (model weights are not covered by the mechanism)")
 
 
 def build_policy(raw: Any, *, source: str = "<policy>") -> HospitalPolicy:
@@ -189,7 +197,7 @@ def policy_from_experiment(cfg: ExperimentConfig, index: int, *, name: str) -> H
     return HospitalPolicy(hospital=name, folder=None, threads=max(1, int(cfg.federation.client_cpus)),
                           device=cfg.device, amp=cfg.amp, data=data,
                           share=share, teacher=teacher, selector=cfg.selector, answers=answers,
-                          outputs=rules.outputs, limits=rules.limits)
+                          outputs=rules.outputs, limits=rules.limits, privacy=rules.privacy)
 
 
 def write_policies(cfg: ExperimentConfig, hospitals_dir: Path) -> list[Path]:
@@ -220,7 +228,9 @@ def hospital_experiment(policy: HospitalPolicy) -> ExperimentConfig:
     federation = FederationConfig(hospitals=policy.share.hospitals, partition=policy.share.partition,
                                   alpha=policy.share.alpha, min_samples=policy.share.min_samples)
     return ExperimentConfig(seed=policy.share.seed, data=data, federation=federation, teacher=policy.teacher,
-                            selector=policy.selector, device=policy.device, amp=policy.amp)
+                            selector=policy.selector, device=policy.device, amp=policy.amp,
+                            policy=PolicyRules(answers=policy.answers, outputs=policy.outputs, limits=policy.limits,
+                                               privacy=policy.privacy))
 
 
 def policy_reference() -> list[tuple[str, str, str]]:

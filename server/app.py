@@ -41,7 +41,7 @@ from server.aggregate import aggregate_outputs, answered, normalised_entropy, pr
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.collect import collect_replies
 from server.distill import distill_student
-from server.evaluate import write_metrics
+from server.evaluate import privacy_line, write_metrics
 from server.identity import node_identities
 from server.metering import MeteredGrid, by_name
 from server.receipts import ReceiptSigner, issue_receipts
@@ -178,37 +178,35 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         start = time.perf_counter()
         indices, cursor = next_proxy_batch(n_proxy=proxy_images.shape[0], batch=cfg.distill.proxy_batch,
                                            cursor=state.cursor, seed=cfg.seed)
-        query = Query(round=rnd, proxy_hash=split.proxy_hash, indices=indices, temperature=cfg.distill.temperature,
-                      output=cfg.query.output, dtype=cfg.query.dtype,
-                      label_counts=cfg.aggregator == AggregatorName.LABEL_AWARE)
+        held = np.zeros(len(indices), dtype=bool) if cfg.query.requery_held else np.isin(indices, state.held.numpy())
+        asked = indices[~held]
         nodes = sorted(grid.get_node_ids()) or nodes
         names = node_identities(grid)  # identity by node, never by what a reply writes
-        logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
-                    len(indices), " (hospitals train their teachers on first use)" if rnd == 1 else "")
-        content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
-        messages = [Message(content=make_query_content(replace(query, receipt=receipts[node])) if node in receipts
-                            else content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
-                    for node in nodes]
-        replies = send_in_waves(metered, messages, wave=cfg.federation.max_in_flight,
-                                timeout_s=cfg.federation.reply_timeout_s)
-        traffic = metered.take()
-        result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
-                                 n_samples=len(indices), n_classes=n_classes, query=cfg.query)
-        receipts = issue_receipts(signer, result.accepted, reply_sha256=traffic.reply_sha256, names=names, round=rnd)
+        result, traffic = _query_round(metered, cfg, split.proxy_hash, asked, rnd=rnd, nodes=nodes, names=names,
+                                       n_classes=n_classes, receipts=receipts)
+        if asked.size:  # receipts for this round's replies, sent with each hospital's next query
+            receipts = issue_receipts(signer, result.accepted, reply_sha256=traffic.reply_sha256, names=names,
+                                      round=rnd)
         loss, dropped = None, {"nobody_answered": 0, "ambiguous": 0}
-        if len(result.accepted) >= quorum:
+        enough = len(result.accepted) >= quorum
+        if asked.size and not enough:
+            logger.warning("round %d: %d valid replies, below the quorum of %d; the new samples are not used",
+                           rnd, len(result.accepted), quorum)
+        kept_new, probs_new, gone = asked[:0], torch.empty(0, n_classes), asked[:0]
+        if asked.size and enough:
             _warn_label_counts(result.accepted, cfg, warned)
-            kept, aggregated, dropped = fuse_replies(result.accepted, cfg, indices, n_classes)
-            update_bank(state, kept, aggregated, dropped=dropped.pop("dropped_indices"))
+            kept_new, probs_new, dropped = fuse_replies(result.accepted, cfg, asked, n_classes)
+            gone = dropped.pop("dropped_indices")
+            state.held = torch.cat([state.held, torch.as_tensor(asked, dtype=torch.int64)])
+        if held.any() or (asked.size and enough):
+            kept, probs = _with_held(state, indices[held], kept_new, probs_new)
+            update_bank(state, kept, probs, dropped=gone)
             if state.bank_indices.numel() >= 2:
                 bank_pos = state.bank_indices
                 loss = distill_student(student=student, optimizer=optimizer, images=proxy_images[bank_pos],
                                        target_probs=state.bank_probs, cfg=cfg.distill, gen=gen,
                                        labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None,
                                        amp=cfg.amp)
-        else:
-            logger.warning("round %d: %d valid replies, below the quorum of %d; the student is not updated",
-                           rnd, len(result.accepted), quorum)
         validation = selection.record(rnd, student)
         seconds = time.perf_counter() - start
         state.round, state.cursor, state.seconds = rnd, cursor, state.seconds + seconds
@@ -221,20 +219,76 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
             "rejected": result.rejected, "seconds": seconds, "distill_loss": loss,
             "proxy_samples_labelled": int(state.bank_indices.numel()),
             "abstentions": _abstentions(result.accepted), "samples_dropped": dropped,
+            "samples_queried": int(asked.size), "samples_held": int(held.sum()),
+            "privacy": _privacy(result.accepted),
         })
         stop = selection.should_stop(state.history)
         if stop:
             state.history[-1]["early_stop"] = True
         save_checkpoint(out_dir, cfg=cfg, student=student, optimizer=optimizer, state=state)
         write_metrics(out_dir, cfg=cfg, rounds=state.history, final=None, extra=_teacher_table(result.accepted))
-        logger.info("round %d/%d: val AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s",
-                    rnd, cfg.rounds, validation.auc, validation.acc, len(result.accepted), len(nodes),
-                    _mean_bytes(traffic.bytes_up), seconds)
+        logger.info("round %d/%d: val AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s | %s",
+                    rnd, cfg.rounds, validation.auc, validation.acc, len(result.accepted),
+                    len(nodes) if asked.size else 0, _mean_bytes(traffic.bytes_up), seconds,
+                    privacy_line(state.history[-1]["privacy"]))
         if stop:
             logger.info("round %d: no validation improvement for %d rounds; stopping early", rnd,
                         cfg.early_stop_rounds)
             break
     return _finish(out_dir, cfg, state, student, selection)
+
+
+def _query_round(metered: MeteredGrid, cfg: ExperimentConfig, proxy_hash: str, asked: np.ndarray, *, rnd: int,
+                 nodes: list[int], names: dict[int, str], n_classes: int,
+                 receipts: dict[int, dict[str, Any]]) -> tuple[Any, Any]:
+    """Ask every hospital for outputs on ``asked`` (nothing is sent when it is empty); (collected, traffic).
+
+    A hospital's query carries the coordinator's receipt for its previous reply, if any (server/receipts.py).
+    """
+    if asked.size == 0:
+        logger.info("round %d/%d: every proxy sample of this round is already held; no query (distilling the "
+                    "bank)", rnd, cfg.rounds)
+        return collect_replies([], expected={}, round=rnd, n_samples=0, n_classes=n_classes,
+                               query=cfg.query), metered.take()
+    query = Query(round=rnd, proxy_hash=proxy_hash, indices=asked, temperature=cfg.distill.temperature,
+                  output=cfg.query.output, dtype=cfg.query.dtype,
+                  label_counts=cfg.aggregator == AggregatorName.LABEL_AWARE)
+    logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
+                len(asked), " (hospitals train their teachers on first use)" if rnd == 1 else "")
+    content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
+    messages = [Message(content=make_query_content(replace(query, receipt=receipts[node])) if node in receipts
+                        else content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
+                for node in nodes]
+    replies = send_in_waves(metered, messages, wave=cfg.federation.max_in_flight,
+                            timeout_s=cfg.federation.reply_timeout_s)
+    traffic = metered.take()
+    result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
+                             n_samples=len(asked), n_classes=n_classes, query=cfg.query)
+    return result, traffic
+
+
+def _with_held(state: ServerState, held: np.ndarray, kept_new: np.ndarray,
+               probs_new: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """This round's soft labels in index order: held samples from the bank, new ones from the replies."""
+    in_bank = np.isin(held, state.bank_indices.numpy())
+    held = held[in_bank]  # held samples that were dropped (nobody answered, ambiguous) stay dropped
+    if held.size:
+        lookup = {int(i): k for k, i in enumerate(state.bank_indices.tolist())}
+        held_probs = state.bank_probs[[lookup[int(i)] for i in held]]
+    else:
+        held_probs = probs_new.new_zeros((0, probs_new.shape[1] if probs_new.dim() == 2 else 0))
+    if kept_new.size == 0:
+        return held, held_probs
+    if held.size == 0:
+        return kept_new, probs_new
+    merged = np.concatenate([held, kept_new])
+    order = np.argsort(merged, kind="stable")
+    return merged[order], torch.cat([held_probs, probs_new])[torch.as_tensor(order)]
+
+
+def _privacy(accepted: list[Any]) -> dict[str, dict[str, Any]]:
+    """Per hospital, its privacy statement and (under a DP mechanism) ε spent so far and δ."""
+    return {r.hospital: {"mechanism": r.privacy, "epsilon": r.epsilon, "delta": r.delta} for r in accepted}
 
 
 def _finish(out_dir: Path, cfg: ExperimentConfig, state: ServerState, student: torch.nn.Module,

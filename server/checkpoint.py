@@ -34,6 +34,7 @@ class ServerState:
     cursor: int = 0  # position in the proxy permutation
     bank_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # (M,)
     bank_probs: torch.Tensor = field(default_factory=lambda: torch.empty(0, 0))  # (M, C)
+    held: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # answered indices (K,)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -54,7 +55,8 @@ def save_checkpoint(out_dir: Path, *, cfg: ExperimentConfig, student: torch.nn.M
         "student": state_dict_on_cpu(student),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "state": {"round": state.round, "cursor": state.cursor, "bank_indices": state.bank_indices,
-                  "bank_probs": state.bank_probs, "history": state.history, "seconds": state.seconds},
+                  "bank_probs": state.bank_probs, "history": state.history, "seconds": state.seconds,
+                  "held": state.held},
     }
     atomic_torch_save(Path(out_dir) / CHECKPOINT_FILE, payload)
     atomic_torch_save(Path(out_dir) / STUDENT_FILE, {"model": cfg.student.model, "state_dict": state_dict_on_cpu(student),
@@ -86,6 +88,7 @@ def load_checkpoint(out_dir: Path, *, cfg: ExperimentConfig, student: torch.nn.M
         optimizer.load_state_dict(saved["optimizer"])
     s = saved["state"]
     state = ServerState(round=int(s["round"]), cursor=int(s["cursor"]), bank_indices=s["bank_indices"],
-                        bank_probs=s["bank_probs"], history=list(s["history"]), seconds=float(s["seconds"]))
+                        bank_probs=s["bank_probs"], history=list(s["history"]), seconds=float(s["seconds"]),
+                        held=s.get("held", s["bank_indices"]))
     logger.info("resuming from %s after round %d", path, state.round)
     return state

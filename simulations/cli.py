@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from common.config import ExperimentConfig, Method, load_config, parse_overrides
 from common.errors import ConfigError, MedkdError
@@ -117,7 +118,26 @@ def _print_result(out_dir: Path) -> None:
     console.print(f"[bold]final student test AUC {final['test_auc']:.4f}[/bold], accuracy {final['test_acc']:.4f}"
                   f"{extra} — method {doc['method']}, {final['seconds']:.0f} s")
     console.print(f"privacy: {doc['privacy']}")
+    _print_privacy(console, doc)
     console.print(f"results: {out_dir}/metrics.json, {out_dir}/config.yaml")
+
+
+def _print_privacy(console: Any, doc: dict[str, Any]) -> None:
+    """The run's privacy summary: per hospital its mechanism and ε after each round (from its own ledger)."""
+    from rich.table import Table
+
+    summary = doc.get("privacy_summary") or {}
+    if not any("epsilon" in entry for entry in summary.values()):
+        return
+    rounds = [str(r["round"]) for r in doc["rounds"]]
+    table = Table(title="privacy summary: ε spent after each round (each hospital's ledger, dp-accounting PLD)")
+    for col in ("hospital", "mechanism", "δ", *[f"r{r}" for r in rounds]):
+        table.add_column(col, justify="left" if col in ("hospital", "mechanism") else "right")
+    for name, entry in sorted(summary.items()):
+        per_round = entry.get("epsilon_per_round", {})
+        table.add_row(name, str(entry.get("mechanism")), f"{entry['delta']:g}" if "delta" in entry else "-",
+                      *[f"{per_round[r]:.3f}" if r in per_round else "-" for r in rounds])
+    console.print(table)
 
 
 def _figure(value: float | None) -> str:
