@@ -67,7 +67,7 @@ def _ledger(folder: Path) -> dict[str, Any]:
         "epsilon_recomputed_rdp": recomputed_rdp if math.isfinite(recomputed_rdp) else None,
         "matches": abs(recomputed - recorded) <= 1e-9 * max(1.0, recorded),
         "mechanisms": sorted({e.mechanism for e in entries}),
-        "entries": [{"sequence": e.sequence, "round": e.round, "mechanism": e.mechanism,
+        "entries": [{"sequence": e.sequence, "round": e.round, "mechanism": e.mechanism, "event": e.event.to_dict(),
                      "description": e.description, "epsilon_after": e.epsilon_after} for e in entries],
         "statement": f"ε = {recomputed:.4f} at δ = {delta:g} (PLD, recomputed from {len(entries)} events)",
     }
@@ -206,6 +206,11 @@ def _hospital_html(rep: dict[str, Any], directory: Path) -> str:
         parts.append(f"<p>Privacy ledger: recorded ε = {ledger['epsilon_recorded']:.4f}, recomputed in a fresh PLD "
                      f"accountant ε = {ledger['epsilon_recomputed']:.4f} ({verdict}); RDP cross-check "
                      f"{_eps(ledger['epsilon_recomputed_rdp'])}; δ = {ledger['delta']:g}.</p>")
+        rows = "".join(f"<tr><td>{x['sequence']}</td><td>{_e(x['round'])}</td><td>{_e(x['mechanism'])}</td>"
+                       f"<td class=idx>{_e(x['event'])}</td><td class=idx>{_e(x['description'])}</td>"
+                       f"<td>{x['epsilon_after']:.4f}</td></tr>" for x in ledger["entries"])
+        parts.append("<details><summary>ledger events</summary><table><tr><th>#</th><th>round</th><th>mechanism</th>"
+                     f"<th>event (parameters)</th><th>description</th><th>ε after</th></tr>{rows}</table></details>")
     else:
         parts.append(f"<p class=warn>Privacy: {_e(ledger['statement'])}</p>")
     parts.append("<table><tr><th>record</th><th>round</th><th>kind</th><th>status</th><th>bytes</th>"
