@@ -13,9 +13,15 @@ Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run"
    handler of the ClientApp (:func:`client.app.answer_query`) behind the
    hospital's gate (ledger charge, audit log, wire bytes), then the
    coordinator's reply checks (:func:`common.payload.parse_reply`);
-3. score each canary by the released probability of its assigned label
+3. score each canary by the released probability p of its assigned label
    and guess "in" for the ``k_plus`` highest scores and "out" for the
-   ``k_minus`` lowest, abstaining on the rest;
+   ``k_minus`` lowest, abstaining on the rest. With ``reference`` (the
+   default) the score is log p - log p_ref, where p_ref is what a reference
+   copy of the hospital, trained the same way on the same data without any
+   canary, releases through its own gate: it removes how plausible each
+   wrong label is anyway, which otherwise drowns the membership signal. The
+   reference never depends on which canaries were included, so the bound
+   stays valid;
 4. turn (guesses, correct) into an ε lower bound at confidence
    1 - ``alpha`` (:mod:`common.audit_bound`); with several runs the guesses
    are pooled (each canary is in one run only, so the pooled audit is still
@@ -147,8 +153,19 @@ def check_bounds(result: dict[str, Any]) -> None:
         raise error
 
 
+def _scratch_hospital(folder: Path, policy: Any) -> Any:
+    """A fresh copy of the hospital in ``folder`` (no teacher, log or ledger from before), loaded as the ClientApp does."""
+    from client.hospital import load_hospital
+    from common.policy import POLICY_FILE, write_policy
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_policy(folder / POLICY_FILE, replace(policy, folder=None), comment="canary audit scratch copy")
+    return load_hospital(folder / POLICY_FILE)
+
+
 def run_canary_audit(policy_path: Path, *, m: int, k_plus: int, k_minus: int, runs: int = 1, seed: int = 0,
-                     alpha: float = 0.05, delta: float = 1e-5, work_dir: Path) -> dict[str, Any]:
+                     alpha: float = 0.05, delta: float = 1e-5, work_dir: Path, reference: bool = True) -> dict[str, Any]:
     """Run the audit ``runs`` times on the hospital whose policy is ``policy_path``; returns the JSON result.
 
     Raises
@@ -156,8 +173,7 @@ def run_canary_audit(policy_path: Path, *, m: int, k_plus: int, k_minus: int, ru
     CanaryViolation
         If the lower bound exceeds the ledger's ε (the result is attached as ``.result``).
     """
-    from client.hospital import load_hospital
-    from common.policy import POLICY_FILE, load_policy, write_policy
+    from common.policy import load_policy
     from common.split import make_split
 
     start = time.perf_counter()
@@ -169,14 +185,16 @@ def run_canary_audit(policy_path: Path, *, m: int, k_plus: int, k_minus: int, ru
     guesses = correct = 0
     for run in range(1, runs + 1):
         folder = Path(work_dir) / f"run-{run}"
-        shutil.rmtree(folder, ignore_errors=True)  # a fresh hospital copy: no teacher, log or ledger from before
-        folder.mkdir(parents=True)
-        write_policy(folder / POLICY_FILE, replace(original, folder=None), comment="canary audit scratch copy")
-        hospital = load_hospital(folder / POLICY_FILE)
-        planted, positions, labels, included = plant_canaries(make_split(hospital.cfg), hospital.index, m=m, rng=rng)
+        hospital = _scratch_hospital(folder, original)
+        split = make_split(hospital.cfg)
+        planted, positions, labels, included = plant_canaries(split, hospital.index, m=m, rng=rng)
         logger.info("canary run %d/%d: %d canaries, %d included in %s's private set", run, runs, m,
                     int(included.sum()), hospital.name)
-        scores = released_scores(hospital, planted, positions, labels, run_id=run)
+        released = released_scores(hospital, planted, positions, labels, run_id=run)
+        scores = np.log(np.maximum(released, 1e-7))
+        if reference:
+            twin = _scratch_hospital(Path(work_dir) / f"reference-{run}", original)
+            scores = scores - np.log(np.maximum(released_scores(twin, split, positions, labels, run_id=run), 1e-7))
         r, v = abstaining_guesses(scores, included, k_plus=k_plus, k_minus=k_minus)
         guesses, correct = guesses + r, correct + v
         all_scores.append(scores)
@@ -187,11 +205,14 @@ def run_canary_audit(policy_path: Path, *, m: int, k_plus: int, k_minus: int, ru
                         "eps_lower_bound": one_run_epsilon(m, r, v, delta=ledger_delta or delta,
                                                            significance=alpha),
                         "eps_ledger": eps_run, "mean_score_in": float(scores[included].mean()),
-                        "mean_score_out": float(scores[~included].mean())})
+                        "mean_score_out": float(scores[~included].mean()),
+                        "mean_released_in": float(released[included].mean()),
+                        "mean_released_out": float(released[~included].mean())})
     used_delta = ledger_delta or delta
     lower = one_run_epsilon(m * runs, guesses, correct, delta=used_delta, significance=alpha)
     result: dict[str, Any] = {
         "hospital": original.hospital, "m": m, "k_plus": k_plus, "k_minus": k_minus, "runs": runs,
+        "score": "log p(canary label) - log p_reference" if reference else "log p(canary label)",
         "guesses": guesses, "correct": correct, "alpha": alpha, "delta": used_delta,
         "eps_lower_bound": lower,
         "eps_lower_bound_clopper_pearson": clopper_pearson_epsilon(guesses, correct, significance=alpha)

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     canary.add_argument("--seed", type=int, default=0, help="seed of the canary choice, labels and inclusion")
     canary.add_argument("--work", type=Path, default=None, help="scratch folder (default DIR/canary-audit)")
     canary.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    canary.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="score by the released probability alone (no reference copy trained without canaries)")
     rotate = sub.add_parser("rotate-key", help="replace a hospital's audit key (signed hand-over in the log)")
     rotate.add_argument("dir", type=Path, help="the hospital folder")
     return parser
@@ -143,7 +145,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
     status = 0
     try:
         result = run_canary_audit(policy, m=args.m, k_plus=k_plus, k_minus=k_minus, runs=args.runs, seed=args.seed,
-                                  alpha=args.alpha, delta=args.delta, work_dir=args.work or policy.parent / "canary-audit")
+                                  alpha=args.alpha, delta=args.delta, work_dir=args.work or policy.parent / "canary-audit",
+                                  reference=args.reference)
     except CanaryViolation as e:
         print(f"medkd audit canary: VIOLATION: {e}", file=sys.stderr)
         result, status = e.result, 3  # type: ignore[attr-defined]
