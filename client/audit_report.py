@@ -166,6 +166,9 @@ def _plots(reports: list[dict[str, Any]]) -> str:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.ticklabel_format(axis="y", useOffset=False, style="plain")
         if ax.lines:
+            xs = np.concatenate([np.asarray(line.get_xdata(), dtype=float) for line in ax.lines])
+            if xs.min() == xs.max():  # one round: give the axis room around it
+                ax.set_xlim(xs.min() - 1, xs.max() + 1)
             top = max(float(np.max(line.get_ydata())) for line in ax.lines)
             ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
         if ax.lines:
