@@ -289,3 +289,25 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
                               f"delta={delta} (sample_rate={sample_rate}, steps={steps})") from e
     logger.debug("σ=%.6f reaches ε=%s at δ=%s (q=%s, %d steps)", sigma, target_epsilon, delta, sample_rate, steps)
     return float(sigma)
+
+
+def gaussian_noise_for_epsilon(target_epsilon: float, delta: float, count: int, *, tol: float = NOISE_TOLERANCE) -> float:
+    """The smallest noise multiplier σ for which ``count`` Gaussian releases stay within ``target_epsilon`` (PLD).
+
+    For planning per-answer mechanisms (PATE, hospital-level noise): a
+    hospital that expects to answer ``count`` samples sets
+    ``privacy.noise_multiplier`` to this value and its budget to the target.
+    """
+    target_epsilon = _check_positive("gaussian_noise_for_epsilon", "target_epsilon", target_epsilon)
+    delta = check_delta(delta)
+    count = _check_count("gaussian_noise_for_epsilon", "count", count)
+
+    def make_event(noise_multiplier: float) -> dp_accounting.DpEvent:
+        if noise_multiplier <= 0:
+            return dp_accounting.NonPrivateDpEvent()
+        return GaussianEvent(noise_multiplier, count).to_dp_event()
+
+    sigma = dp_accounting.calibrate_dp_mechanism(
+        lambda: fresh_accountant(Accountant.PLD), make_event, target_epsilon, delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(lower_endpoint=0.0, initial_guess=1.0), tol=tol)
+    return float(sigma)

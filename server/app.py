@@ -230,7 +230,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         logger.info("round %d/%d: val AUC %.4f acc %.4f | %d/%d replies ok | up %s B/hospital | %.1f s | %s",
                     rnd, cfg.rounds, validation.auc, validation.acc, len(result.accepted),
                     len(nodes) if asked.size else 0, _mean_bytes(traffic.bytes_up), seconds,
-                    privacy_line(state.history[-1]["privacy"]))
+                    privacy_line(state.history[-1]["privacy"]) if asked.size else
+                    "privacy: no query this round (nothing left any hospital)")
         if stop:
             logger.info("round %d: no validation improvement for %d rounds; stopping early", rnd,
                         cfg.early_stop_rounds)

@@ -80,7 +80,8 @@ DEFAULT_VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 DEFAULT_PARTITIONS = ("iid", "0.1", "0.3", "0.5", "1.0")
 DEFAULT_SEEDS = (0, 1, 2)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # simulate subprocesses import this same code tree
-# settings that decide a hospital's teacher (its selector.pt is fingerprinted apart, and retrained when it changes)
+# settings that decide a hospital's teacher (its selector.pt is fingerprinted apart, and retrained when it changes);
+# a DP mechanism adds the hospitals' privacy settings, so that each budget is spent in a folder of its own
 HOSPITAL_KEYS = ("data", "federation", "teacher", "seed")
 
 
@@ -161,7 +162,11 @@ def build_grid(*, config: Path | None, base: dict[str, Any], variants: Sequence[
                     continue
                 text = dump_config(cfg)
                 plain = config_to_dict(cfg)
-                hospital_side = json.dumps({k: plain[k] for k in HOSPITAL_KEYS if k in plain}, sort_keys=True)
+                side = {k: plain[k] for k in HOSPITAL_KEYS if k in plain}
+                privacy = [config_to_dict(cfg.policy_rules(i).privacy) for i in range(cfg.federation.hospitals)]
+                if any(p["mechanism"] != "none" for p in privacy):  # DP teachers and ledgers live apart
+                    side["privacy"] = privacy
+                hospital_side = json.dumps(side, sort_keys=True)
                 run_hash = short_hash(text)
                 runs.append(Run(variant=variant.name, method=cfg.method.value, partition=partition, seed=seed,
                                 config_text=text, run_hash=run_hash, run_dir=out / "runs" / run_hash,

@@ -25,6 +25,16 @@ from typing import Any
 from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 PRIVACY_LINE = "privacy: no formal DP guarantee (no DP mechanism was enabled in these runs)"
+
+
+def privacy_line(records: Sequence[RunRecord]) -> str:
+    """The grid's privacy statement: no formal DP guarantee, unless some run's hospitals used a mechanism."""
+    dp = sorted({r.variant for r in records if r.metrics and any(
+        "epsilon" in h for h in (r.metrics.get("privacy_summary") or {}).values())})
+    if not dp:
+        return PRIVACY_LINE
+    return (f"privacy: differential privacy in variants {', '.join(dp)} (each hospital's ε in its run's "
+            f"metrics.json, privacy_summary); no formal DP guarantee in the others")
 CSV_COLUMNS = ("variant", "method", "partition", "n_seeds", "test_auc_mean", "test_auc_std", "ci95_low", "ci95_high",
                "val_auc_mean", "uplink_bytes_per_hospital_round", "per_seed")
 FEDERATED = ("fedkd", "fedavg")
@@ -199,7 +209,7 @@ def markdown_text(rows: Sequence[dict[str, Any]], *, records: Sequence[RunRecord
     unfinished = [r for r in records if r.metrics is None]
     for r in unfinished:
         lines.append(f"not finished: {r.variant} {r.partition} seed {r.seed} ({r.status}; see {r.run_dir / 'log.txt'})")
-    lines += ["", PRIVACY_LINE, "", f"command: `{command}`"]
+    lines += ["", privacy_line(records), "", f"command: `{command}`"]
     return "\n".join(lines) + "\n"
 
 
@@ -260,7 +270,7 @@ def write_report(out: Path, records: Sequence[RunRecord], *, variants: Sequence[
     atomic_write_text(out / "bench.csv", csv_text(rows))
     atomic_write_text(out / "bench.md", markdown_text(rows, records=records, command=command))
     atomic_write_json(out / "bench.json", {
-        "command": command, "privacy": PRIVACY_LINE, "variants": list(variants), "partitions": list(partitions),
+        "command": command, "privacy": privacy_line(records), "variants": list(variants), "partitions": list(partitions),
         "summary": rows, "uplink_ratio_fedavg_over": uplink_ratios(rows),
         "runs": [{"variant": r.variant, "method": r.method, "partition": r.partition, "seed": r.seed,
                   "hash": r.run_hash, "run_dir": str(r.run_dir), "hospitals_dir": str(r.hospitals_dir),

@@ -223,3 +223,24 @@ def test_dp_sgd_teacher_is_charged_once_per_training_and_queries_are_free(dp_hos
     assert not any("running_mean" in k for k in state)  # BatchNorm replaced by GroupNorm (ModuleValidator.fix)
     log = _outbound(folder)
     assert [e["charged"] for e in log] == [0, 0] and log[1]["epsilon_cumulative"] == entry.epsilon_after
+
+
+def test_gate_withholds_selector_outputs_under_a_dp_mechanism(tmp_path: Path) -> None:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from client.gate import OutboundGate
+    from common.payload import WITHHELD_CODE
+
+    gate = OutboundGate(hospital="H0", folder=tmp_path, run_id=1,
+                        privacy=PolicyPrivacy(mechanism=PrivacyMechanism.PATE))
+    request = request_message(RecordDict(), message_type=QUERY_MESSAGE_TYPE, dst_node_id=10)
+    content = RecordDict({
+        "outputs": ArrayRecord({"outputs": Array(np.full((2, 2), 0.5, dtype=np.float16)),
+                                "mask": Array(np.ones(2, dtype=np.uint8))}),
+        "metrics": MetricRecord({"num_private": 1, "val_auc": -1.0}),
+        "hospital": ConfigRecord({"name": "H0", "model": "m", "privacy": "pate"}),
+    })
+    out = gate.release(request, Message(content, reply_to=request))
+    assert out.has_error() and out.error.code == WITHHELD_CODE
+    assert "under privacy.mechanism pate a reply may not carry ['mask']" in (tmp_path / "hospital.log").read_text()
+    assert not (tmp_path / "privacy_ledger.jsonl").exists()

@@ -67,3 +67,22 @@ def test_a_run_without_dp_says_so_everywhere(tiny_config, tmp_path: Path, caplog
         assert not (out / "hospitals" / h / "privacy_ledger.jsonl").exists()
     round_lines = [r.getMessage() for r in caplog.records if "val AUC" in r.getMessage()]
     assert len(round_lines) == 2 and all(NO_DP in line for line in round_lines)
+
+
+def test_coordinator_does_not_ask_again_for_samples_it_holds(tiny_config, tmp_path: Path) -> None:
+    # RetinaMNIST's proxy set has 270 samples: round 2 wraps around, round 3 holds everything already
+    cfg = tiny_config(**{"rounds": 3, "distill.proxy_batch": 200})
+    out = tmp_path / "held"
+    simulate(cfg, out_dir=out)
+    doc = json.loads((out / "metrics.json").read_text())
+    assert [r["samples_queried"] for r in doc["rounds"]] == [200, 70, 0]
+    assert [r["samples_held"] for r in doc["rounds"]] == [0, 130, 200]
+    assert doc["rounds"][2]["bytes_up"] == {} and doc["rounds"][2]["distill_loss"] is not None
+    for h in ("H0", "H1", "H2"):
+        lines = [json.loads(x) for x in (out / "hospitals" / h / "outbound.jsonl").read_text().splitlines()]
+        assert [x["n_indices"] for x in lines] == [200, 70]
+    again = tmp_path / "requery"  # asking again gets the same answers, so the student is the same
+    simulate(tiny_config(**{"rounds": 3, "distill.proxy_batch": 200, "query.requery_held": True}), out_dir=again)
+    redo = json.loads((again / "metrics.json").read_text())
+    assert [r["samples_queried"] for r in redo["rounds"]] == [200, 200, 200]
+    assert [r["val_auc"] for r in redo["rounds"]] == pytest.approx([r["val_auc"] for r in doc["rounds"]], abs=1e-6)
