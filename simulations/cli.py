@@ -3,6 +3,7 @@
 ``medkd simulate [--config FILE] [--method M] [--set k=v ...] [--out DIR]``
 ``medkd policies [--config FILE] [--set k=v ...] --hospitals-dir DIR``
 ``medkd bench [--methods NAME ...] [--partitions P ...] [--seeds S ...] [--out DIR] ...`` (see simulations/bench.py)
+``medkd certs|client|server ...``: a real deployment on Flower's SuperLink/SuperNode (see simulations/deploy_cli.py)
 
 Exit codes: 0 success, 2 invalid config or arguments, 1 any other medkd error.
 """
@@ -155,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.bench import main as bench_main
 
         return bench_main(argv[1:], prog="medkd bench")
+    if argv[:1] in (["certs"], ["client"], ["server"]):  # deployment commands (docs/deployment.md)
+        from simulations.deploy_cli import main as deploy_main
+
+        return deploy_main(argv)
     args = _parser().parse_args(argv)
     try:
         if args.command == "simulate":
