@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -215,7 +216,7 @@ def check_auth_keypair(private_path: Path, public_path: Path) -> str:
         public = serialization.load_ssh_public_key(public_line.encode())
     except OSError as e:
         raise CertError(f"cannot read authentication key {e.filename}: {e.strerror or e}") from e
-    except ValueError as e:
+    except (ValueError, UnsupportedAlgorithm) as e:
         raise CertError(f"authentication key {private_path} or {public_path} is invalid: {e}") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
         raise CertError(f"{private_path} is not an EC P-384 key (Flower's SuperNode authentication needs one)")

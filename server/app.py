@@ -42,6 +42,7 @@ from server.collect import collect_replies
 from server.distill import distill_student
 from server.evaluate import write_metrics
 from server.identity import node_identities
+from server.inflight import mark_inflight, torn_round
 from server.metering import MeteredGrid, by_name
 from server.selection import RoundSelection, score
 
@@ -171,7 +172,11 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
                            timeout_s=cfg.federation.wait_for_nodes_s)
     n_classes = split.data.n_classes
     warned: set[str] = set()
-    for rnd in range(state.round + 1, cfg.rounds + 1):
+    first = state.round + 1
+    torn = torn_round(out_dir, completed=state.round)  # never re-ask a round hospitals may have answered
+    if torn is not None:
+        first, state.cursor = torn.round + 1, torn.cursor_after
+    for rnd in range(first, cfg.rounds + 1):
         start = time.perf_counter()
         indices, cursor = next_proxy_batch(n_proxy=proxy_images.shape[0], batch=cfg.distill.proxy_batch,
                                            cursor=state.cursor, seed=cfg.seed)
@@ -185,6 +190,7 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
         messages = [Message(content=content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
                     for node in nodes]
+        mark_inflight(out_dir, rnd=rnd, cursor_after=cursor)
         replies = send_in_waves(metered, messages, wave=cfg.federation.max_in_flight,
                                 timeout_s=cfg.federation.reply_timeout_s)
         traffic = metered.take()

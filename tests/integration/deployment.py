@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -51,6 +52,45 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def clientapp_pids(pid: int, *, timeout_s: float = 120) -> list[int]:
+    """PIDs of the ClientApp processes under SuperNode ``pid`` (one per message being answered), once there are some."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = []
+        for child in descendants(pid):
+            try:
+                if b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(child)
+            except OSError:
+                continue
+        if found:
+            return found
+        time.sleep(0.1)
+    raise RuntimeError(f"no ClientApp process appeared under SuperNode {pid} within {timeout_s:.0f} s")
+
+
+def crash(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants at once (a machine losing power), then wait until they are gone."""
+    tree = [pid, *descendants(pid)]
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(alive(p) for p in tree):
+        time.sleep(0.1)
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Send ``sig`` (e.g. SIGSTOP/SIGCONT) to ``pid`` and all its descendants."""
+    for p in [pid, *descendants(pid)]:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
 
 
 def stop(pid: int, *, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
@@ -102,24 +142,32 @@ class Deployment:
         self.processes[name], self.logs[name] = proc, log
         return proc
 
-    def output(self, name: str) -> str:
-        return self.logs[name].read_text(errors="replace")
+    def output(self, name: str, *, since: int = 0) -> str:
+        return self.logs[name].read_text(errors="replace")[since:] if name in self.logs else ""
+
+    def wait_for(self, name: str, text: str, *, timeout_s: float = 600, since: int = 0) -> None:
+        """Wait until process ``name``'s output (from offset ``since``) contains ``text``; fail if it exits first."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.output(name, since=since):
+            if self.processes[name].poll() is not None and text not in self.output(name, since=since):
+                raise RuntimeError(f"{name} exited before printing {text!r}:\n{self.output(name)[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not print {text!r} within {timeout_s:.0f} s")
+            time.sleep(0.3)
 
     def make_certs(self) -> None:
         done = self.medkd("certs", str(self.coordinator / "certs"))
         assert done.returncode == 0, done.stderr
 
     def start_server(self) -> subprocess.Popen[bytes]:
+        mark = len(self.output("coordinator"))
         proc = self.spawn("coordinator", "server", "start", str(self.coordinator), "--host", "127.0.0.1",
                           "--port", str(self.port))
-        deadline = time.monotonic() + 90
-        while "SuperLink up on" not in self.output("coordinator"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"coordinator did not start:\n{self.output('coordinator')[-3000:]}")
-            time.sleep(0.3)
+        self.wait_for("coordinator", "SuperLink up on", timeout_s=90, since=mark)
         return proc
 
-    def init_hospital(self, index: int, *, name: str | None = None, overrides: list[str] = ()) -> Path:
+    def init_hospital(self, index: int, *, name: str | None = None, overrides: list[str] = (),
+                      teacher: Path | None = None) -> Path:
         name = name or f"H{index}"
         folder = self.root / name
         done = self.medkd("client", "init", str(folder), "--name", name, "--superlink", f"127.0.0.1:{self.port}",
@@ -127,7 +175,24 @@ class Deployment:
                           str(free_port()), "--config", str(REPO / "configs" / "tiny.yaml"), "--index", str(index),
                           "--set", f"data.data_dir={self.data_dir}", *overrides)
         assert done.returncode == 0, done.stdout + done.stderr
+        if teacher is not None:  # a teacher trained once for the session (same policy, same fingerprint)
+            shutil.copyfile(teacher, folder / "teacher.pt")
         return folder
+
+    def federation(self, *, hospitals: int = 3, teachers: dict[str, Path] | None = None) -> None:
+        """Certificates, the coordinator, and ``hospitals`` registered hospitals, all started."""
+        self.make_certs()
+        self.start_server()
+        for i in range(hospitals):
+            self.init_hospital(i, teacher=(teachers or {}).get(f"H{i}"))
+            self.register(f"H{i}")
+        for i in range(hospitals):
+            self.start_hospital(f"H{i}")
+
+    def spawn_study(self, out: Path, *overrides: str) -> subprocess.Popen[bytes]:
+        return self.spawn("study", "server", "run", str(self.coordinator), "--config",
+                          str(REPO / "configs" / "tiny.yaml"), "--set", f"data.data_dir={self.data_dir}", *overrides,
+                          "--out", str(out))
 
     def register(self, name: str) -> None:
         done = self.medkd("server", "register", str(self.coordinator), "--name", name,
@@ -145,8 +210,10 @@ class Deployment:
         return json.loads((out / "metrics.json").read_text())
 
     def close(self) -> None:
-        hospitals = [n for n in self.processes if n != "coordinator"]
-        for name in [*hospitals, "coordinator"]:
+        hospitals = [n for n in self.processes if n not in ("coordinator", "study")]
+        for name in ["study", *hospitals, "coordinator"]:
+            if name not in self.processes:
+                continue
             stop(self.processes[name].pid)
             self.processes[name].wait(timeout=30)
 
