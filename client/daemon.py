@@ -11,9 +11,9 @@ Everything a hospital holds stays in its folder ``DIR`` (``medkd client init DIR
     DIR/teacher.pt         the hospital's teacher (made by ``medkd client train-teacher`` or on first query)
     DIR/outbound.jsonl     one line per reply that left the hospital (SHA-256 of the exact bytes)
     DIR/hospital.log       the hospital's own log (refusals, ignored coordinator requests)
+    DIR/approved-apps.txt  (optional) SHA-256 of the app bundles this hospital runs (``medkd client approve``)
 
-``medkd client start DIR`` replaces itself with ``flower-supernode`` (same PID, so a service manager or a test
-can stop it by PID), with TLS, the authentication key, ``node_config`` pointing at ``DIR/policy.yaml``, runtime
+``medkd client start DIR`` runs ``flower-supernode`` in the foreground (SIGTERM/Ctrl-C passed on), with TLS, the authentication key, ``node_config`` pointing at ``DIR/policy.yaml``, runtime
 dependency installation left off (the default of ``flower-supernode``), and ``FLWR_HOME=DIR/flwr-home``.
 """
 
@@ -23,12 +23,16 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
+from client.approval import APPROVED_ENV, APPROVED_FILE, approved_hashes, write_launcher
 from common.atomic import atomic_write_text
 from common.certs import write_auth_keypair
 from common.errors import ConfigError, MedkdError
@@ -173,6 +177,19 @@ def init_hospital(folder: Path, *, policy: HospitalPolicy, superlink: str, ca_ce
     return rows
 
 
+def rotate_key(folder: Path) -> Path:
+    """Move the current key pair to ``keys/retired-<time>/`` and make a new one; returns the new public key."""
+    folder = Path(folder).resolve()
+    name = load_policy(folder / POLICY_FILE).hospital
+    retired = folder / "keys" / f"retired-{time.strftime('%Y%m%d-%H%M%S')}"
+    retired.mkdir(parents=True)
+    for path in (folder / AUTH_KEY, folder / AUTH_PUB):
+        if path.exists():
+            path.rename(retired / path.name)
+    write_auth_keypair(folder / AUTH_KEY, folder / AUTH_PUB, comment=name)
+    return folder / AUTH_PUB
+
+
 def train_hospital_teacher(folder: Path, *, retrain: bool = False) -> dict[str, object]:
     """Train (or load) the hospital's teacher from its own policy; returns its local figures."""
     from client.hospital import load_hospital
@@ -218,15 +235,52 @@ def supernode_command(folder: Path) -> tuple[list[str], dict[str, str]]:
                          f"{folder}`")
     env = {**os.environ, "FLWR_HOME": str(folder / FLWR_HOME), "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+    if (folder / APPROVED_FILE).exists():  # approved code only: a launcher checks each bundle's hash first
+        approved_hashes(folder / APPROVED_FILE)  # a malformed list stops the start, not a round
+        env["PATH"] = f"{write_launcher(folder)}{os.pathsep}{env.get('PATH', '')}"
+        env[APPROVED_ENV] = str(folder / APPROVED_FILE)
     return argv, env
 
 
-def start_supernode(folder: Path) -> None:
-    """Replace this process with the hospital's ``flower-supernode`` (never returns)."""
+ACTIVATION_REFUSED = 305  # flower-supernode's exit code when the SuperLink refuses to activate the node
+REJOIN_WAIT_S = 120.0  # a node that died without signing off stays "online" for about a minute
+
+
+def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry_every_s: float = 10.0) -> int:
+    """Run the hospital's ``flower-supernode`` in the foreground until it stops; returns its exit status.
+
+    SIGTERM or Ctrl-C here is passed on to it. If the coordinator refuses to activate the node (exit 305),
+    the start is retried every ``retry_every_s`` for up to ``rejoin_wait_s``: after a crash the coordinator
+    still sees this hospital online until its heartbeats expire. A key the coordinator never registered is
+    refused for good once that time is up.
+    """
     argv, env = supernode_command(folder)
     if load_node_settings(Path(folder)).insecure:
         logger.warning("%s", INSECURE_WARNING)
     logger.info("starting: %s", " ".join(argv))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(argv[0], argv, env)
+    state: dict[str, object] = {"proc": None, "stop": False}
+
+    def forward(signum: int, _frame: object) -> None:
+        state["stop"] = True
+        proc = state["proc"]
+        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    deadline = time.monotonic() + rejoin_wait_s
+    while True:
+        proc = subprocess.Popen(argv, env=env)
+        state["proc"] = proc
+        code = proc.wait()
+        if state["stop"] or code != ACTIVATION_REFUSED or time.monotonic() + retry_every_s > deadline:
+            break
+        logger.warning("the coordinator refused to activate this hospital's node (exit %d): either it still sees "
+                       "it online after a crash, or its key is not registered; retrying in %.0f s", code,
+                       retry_every_s)
+        time.sleep(retry_every_s)
+    if code == ACTIVATION_REFUSED:
+        logger.error("the coordinator refused this hospital's key: ask the coordinator to register "
+                     "keys/auth.pub under this hospital's name")
+    logger.info("hospital daemon stopped (exit %d); start it again with `medkd client start %s`", code, folder)
+    return code

@@ -93,6 +93,7 @@ def check_hospital(folder: Path, *, connect_timeout_s: float = 5.0) -> Readiness
             _run("certificates", checks, lambda: _check_ca(resolve(folder, settings.root_certificates)))
         _run("flower-supernode", checks, lambda: (OK, str(shutil.which("flower-supernode"))) if shutil.which(
             "flower-supernode") else (FAIL, "flower-supernode not found on PATH (install flwr in this environment)"))
+        _run("approved code", checks, lambda: _check_approved(folder))
         _run("coordinator", checks, lambda: _check_connection(folder, settings, timeout_s=connect_timeout_s))
     return Readiness(checks)
 
@@ -126,6 +127,16 @@ def _check_teacher(policy: HospitalPolicy, folder: Path) -> tuple[str, str]:
     if info.fingerprint != teacher_fingerprint(cfg, make_split(cfg), policy.share.index):
         return WARN, f"{path} was trained from other data or settings; it will be retrained on the first query"
     return OK, f"{info.model}, local validation AUC {info.val_auc:.3f} on {info.num_val} samples"
+
+
+def _check_approved(folder: Path) -> tuple[str, str]:
+    from client.approval import APPROVED_FILE, approved_hashes
+
+    if not (folder / APPROVED_FILE).exists():
+        return WARN, (f"no {APPROVED_FILE}: any app the coordinator submits would run here; pin the reviewed "
+                      "release with `medkd client approve DIR --app SOURCE`")
+    hashes = approved_hashes(folder / APPROVED_FILE)
+    return OK, f"{len(hashes)} approved app bundle(s): " + ", ".join(sorted(h[:12] for h in hashes))
 
 
 def _check_ca(path: Path) -> tuple[str, str]:

@@ -2,9 +2,11 @@
 
 ``medkd certs DIR [--host NAME ...] [--hospital NAME ...]``      CA, server certificate, hospital key pairs
 ``medkd client init DIR --name H0 --superlink HOST:PORT --ca-cert ca.crt [policy options]``
+``medkd client approve DIR --app SOURCE``                          pin the app bundle built from reviewed SOURCE
+``medkd client new-key DIR``                                      rotate the authentication key pair
 ``medkd client check DIR``                                        readiness report; exit 0 when ready
 ``medkd client train-teacher DIR [--retrain]``
-``medkd client start DIR``                                        becomes flower-supernode (same PID)
+``medkd client start DIR``                                        runs flower-supernode in the foreground
 ``medkd server start DIR [--host H] [--port P] [--insecure]``     flower-superlink in the foreground
 ``medkd server register DIR --name H0 KEY.pub`` / ``medkd server unregister DIR --name H0``
 ``medkd server run DIR --config FILE [--set k=v ...] --out OUT``  submit the study, stream its progress
@@ -51,7 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--index", type=int, default=0, help="with a simulated-sites config: this hospital's share")
     init.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                       help="override config keys before the policy is derived")
-    for name, text in (("check", "readiness report"), ("train-teacher", "train this hospital's teacher"),
+    approve = client.add_parser("approve", help="pin an app release: only bundles whose hash is approved run here")
+    approve.add_argument("folder", type=Path)
+    approve.add_argument("--app", type=Path, required=True, help="the reviewed medkd source folder (a release)")
+    for name, text in (("new-key", "rotate this hospital's authentication key pair"),
+                       ("check", "readiness report"), ("train-teacher", "train this hospital's teacher"),
                        ("start", "run the hospital's daemon (flower-supernode)")):
         p = client.add_parser(name, help=text)
         p.add_argument("folder", type=Path)
@@ -124,6 +130,18 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(f"next: edit policy.yaml (data location, limits), send keys/auth.pub to the coordinator, then "
               f"`medkd client check {args.folder}`")
         return 0
+    if args.action == "approve":
+        from client.approval import approve_app
+
+        digest = approve_app(args.folder, app_dir=args.app)
+        print(f"approved app bundle sha256 {digest} (built from {args.app.resolve()}); restart the daemon to apply")
+        return 0
+    if args.action == "new-key":
+        pub = daemon.rotate_key(args.folder)
+        print(f"new key pair made; old one moved under {pub.parent}/retired-*. Send {pub} to the coordinator, who "
+              "runs `medkd server unregister COORD --name NAME` and `medkd server register COORD --name NAME "
+              "KEY.pub`; then restart this daemon")
+        return 0
     if args.action == "check":
         from client.readiness import check_hospital
 
@@ -135,8 +153,7 @@ def cmd_client(args: argparse.Namespace) -> int:
     if args.action == "train-teacher":
         print(json.dumps(daemon.train_hospital_teacher(args.folder, retrain=args.retrain), indent=1))
         return 0
-    daemon.start_supernode(args.folder)  # never returns
-    return 1
+    return daemon.start_supernode(args.folder)
 
 
 def cmd_server(args: argparse.Namespace) -> int:

@@ -78,7 +78,7 @@ def test_check_reports_each_item_and_an_unreachable_coordinator(hospital: Path) 
     report = check_hospital(hospital, connect_timeout_s=1.0)
     status = {c.name: c.status for c in report.checks}
     assert status == {"policy": OK, "node settings": OK, "data": OK, "teacher": WARN, "keys": OK,
-                      "certificates": OK, "flower-supernode": OK, "coordinator": FAIL}
+                      "certificates": OK, "flower-supernode": OK, "approved code": WARN, "coordinator": FAIL}
     assert not report.ready and report.verdict().startswith("NOT READY: fix coordinator")
     assert main(["client", "check", str(hospital)]) == 1
     (hospital / "keys" / "auth.pub").write_text((hospital / "certs" / "ca.crt").read_text())
@@ -133,3 +133,24 @@ def test_a_round_in_flight_is_skipped_once_and_only_past_the_checkpoint(tmp_path
     assert torn_round(tmp_path, completed=2) is None  # round 2 was checkpointed: nothing torn
     (tmp_path / "inflight.json").write_text("{not json")
     assert torn_round(tmp_path, completed=1) is None
+
+
+def test_approved_code_pin(tmp_path: Path, hospital: Path) -> None:
+    from client.approval import AppNotApproved, app_hash, approve_app, approved_hashes, check_bundle
+
+    repo = Path(__file__).resolve().parents[1]
+    digest = approve_app(hospital, app_dir=repo)
+    assert digest == app_hash(repo) and len(digest) == 64  # reproducible: the same bytes every build
+    assert approve_app(hospital, app_dir=repo) == digest
+    assert approved_hashes(hospital / "approved-apps.txt") == {digest}
+    argv, env = supernode_command(hospital)
+    launcher = Path(env["PATH"].split(":")[0]) / "flwr-clientapp"
+    assert launcher.read_text().startswith("#!") and "run_flwr_clientapp" in launcher.read_text()
+    assert env["MEDKD_APPROVED_APPS"] == str(hospital.resolve() / "approved-apps.txt")
+    check_bundle(b"bundle", approved={__import__("hashlib").sha256(b"bundle").hexdigest()})
+    with pytest.raises(AppNotApproved, match="is not approved by this hospital"):
+        check_bundle(b"other bundle", approved={digest}, log_file=hospital / "hospital.log")
+    assert "refused app bundle" in (hospital / "hospital.log").read_text()
+    (hospital / "approved-apps.txt").write_text("not-a-hash\n")
+    with pytest.raises(MedkdError, match="not a SHA-256"):
+        supernode_command(hospital)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deployment import Deployment, outbound
+from tests.integration.deployment import REPO, Deployment, outbound
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,8 @@ def test_study_over_tls_with_node_authentication(deployment: Deployment, tmp_pat
     for i in range(3):
         dep.init_hospital(i)
         dep.register(f"H{i}")
+        approved = dep.medkd("client", "approve", str(tmp_path / f"H{i}"), "--app", str(REPO))  # reviewed release
+        assert approved.returncode == 0, approved.stderr
     check = dep.medkd("client", "check", str(tmp_path / "H0"))
     assert check.returncode == 0, check.stdout + check.stderr
     assert "TLSv1.3, certificate of localhost verified" in check.stdout
@@ -39,7 +41,7 @@ def test_study_over_tls_with_node_authentication(deployment: Deployment, tmp_pat
     refused = dep.start_hospital("Rogue")
     for i in range(3):
         dep.start_hospital(f"H{i}")
-    assert refused.wait(timeout=120) != 0
+    assert refused.wait(timeout=300) == 305  # after retrying for rejoin_wait_s
     assert "Failed to activate SuperNode" in dep.output("Rogue") or "305" in dep.output("Rogue")
     log = (dep.coordinator / "superlink.log").read_text()
     assert "No SuperNode found with the given public key" in log
@@ -60,3 +62,26 @@ def test_study_over_tls_with_node_authentication(deployment: Deployment, tmp_pat
         assert len(sent) == 2
         assert [e["sha256"] for e in sent] == [r["reply_sha256"][f"H{i}"][0] for r in rounds]
     assert outbound(rogue) == []
+
+
+def test_an_unapproved_app_never_runs_at_a_hospital(deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    dep.make_certs()
+    dep.start_server()
+    for i in range(3):
+        dep.init_hospital(i)
+        dep.register(f"H{i}")
+    for i in (0, 1):
+        assert dep.medkd("client", "approve", str(tmp_path / f"H{i}"), "--app", str(REPO)).returncode == 0
+    (tmp_path / "H2" / "approved-apps.txt").write_text("0" * 64 + "  # another release\n")  # H2 approved another
+    for i in range(3):
+        dep.start_hospital(f"H{i}")
+    out = tmp_path / "study"
+    done = dep.run_study(out, "rounds=1")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    [round_1] = dep.metrics(out)["rounds"]
+    assert round_1["replies_ok"] == 2 and list(round_1["rejected"]) == ["H2"]
+    assert "is not approved by this hospital" in round_1["rejected"]["H2"]
+    assert "refused app bundle" in (tmp_path / "H2" / "hospital.log").read_text()
+    assert outbound(tmp_path / "H2") == []  # nothing of the bundle ran, so nothing was released
+    assert not list((tmp_path / "H2" / "flwr-home").glob("apps/*"))  # and it was never installed

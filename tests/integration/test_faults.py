@@ -55,18 +55,20 @@ def test_hospital_killed_mid_round_then_rejoins(deployment: Deployment, teachers
     dep = deployment
     dep.federation(teachers=teachers)
     out = tmp_path / "study"
-    study = dep.spawn_study(out, "rounds=3", "federation.reply_timeout_s=45")
-    dep.wait_for("study", "round 2/3: querying")
+    study = dep.spawn_study(out, "rounds=4", "federation.reply_timeout_s=45")
+    dep.wait_for("study", "round 2/4: querying")
     clientapp_pids(dep.processes["H2"].pid)  # H2 has taken round 2's query and is answering it
-    crash(dep.processes["H2"].pid)  # SIGKILL the SuperNode and its ClientApp at once, mid-round
-    dep.start_hospital("H2")  # restarted at once, same folder and key
-    assert study.wait(timeout=900) == 0, dep.output("study")[-4000:]
+    crash(dep.processes["H2"].pid)  # SIGKILL the daemon, its SuperNode and its ClientApp at once, mid-round
+    dep.start_hospital("H2")  # restarted at once, same folder and key (it retries until the coordinator lets it in)
+    assert study.wait(timeout=1200) == 0, dep.output("study")[-4000:]
     rounds = dep.metrics(out)["rounds"]
     assert rounds[0]["replies_ok"] == 3
     assert rounds[1]["replies_ok"] == 2 and set(rounds[1]["rejected"]) == {"H2"}  # the quorum of 2 was met
     assert rounds[1]["distill_loss"] is not None  # and the round updated the student
-    assert rounds[2]["replies_ok"] == 3 and not rounds[2]["rejected"]  # H2 rejoined
-    assert _sent_rounds(tmp_path / "H2") == ["1", "3"]
+    assert rounds[3]["replies_ok"] == 3 and not rounds[3]["rejected"]  # H2 rejoined
+    sent = _sent_rounds(tmp_path / "H2")
+    assert sent[0] == "1" and "2" not in sent and "4" in sent
+    assert "refused to activate" in dep.output("H2") or sent == ["1", "3", "4"]
 
 
 def test_coordinator_killed_and_restarted_resumes(deployment: Deployment, teachers: dict[str, Path],
