@@ -68,7 +68,6 @@ def test_hospital_killed_mid_round_then_rejoins(deployment: Deployment, teachers
     assert rounds[3]["replies_ok"] == 3 and not rounds[3]["rejected"]  # H2 rejoined
     sent = _sent_rounds(tmp_path / "H2")
     assert sent[0] == "1" and "2" not in sent and "4" in sent
-    assert "refused to activate" in dep.output("H2") or sent == ["1", "3", "4"]
 
 
 def test_coordinator_killed_and_restarted_resumes(deployment: Deployment, teachers: dict[str, Path],
