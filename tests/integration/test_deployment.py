@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.deployment import REPO, Deployment, outbound
+from simulations.loopback import REPO, Deployment, outbound
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.deployment import Deployment, clientapp_pids, crash, outbound
+from simulations.loopback import Deployment, clientapp_pids, crash, outbound
 
 pytestmark = pytest.mark.slow
 

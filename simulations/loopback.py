@@ -1,4 +1,5 @@
-"""A real deployment on 127.0.0.1 for the integration tests: a coordinator and hospitals as separate processes.
+"""A real deployment on 127.0.0.1: a coordinator and hospitals as separate processes (integration tests, latency
+and load scripts).
 
 Every process is started through the ``medkd`` CLI exactly as the deployment guide says (``server start``,
 ``client start``), on free ports chosen at run time, each in its own session; the tests stop them by PID.
@@ -18,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -117,6 +118,7 @@ class Deployment:
 
     root: Path
     data_dir: Path
+    config: Path = REPO / "configs" / "tiny.yaml"
     port: int = field(default_factory=free_port)
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, Path] = field(default_factory=dict)
@@ -156,8 +158,7 @@ class Deployment:
             time.sleep(0.3)
 
     def make_certs(self) -> None:
-        done = self.medkd("certs", str(self.coordinator / "certs"))
-        assert done.returncode == 0, done.stderr
+        _ok(self.medkd("certs", str(self.coordinator / "certs")))
 
     def start_server(self) -> subprocess.Popen[bytes]:
         mark = len(self.output("coordinator"))
@@ -166,44 +167,46 @@ class Deployment:
         self.wait_for("coordinator", "SuperLink up on", timeout_s=90, since=mark)
         return proc
 
-    def init_hospital(self, index: int, *, name: str | None = None, overrides: list[str] = (),
+    def init_hospital(self, index: int, *, name: str | None = None, overrides: tuple[str, ...] = (),
                       teacher: Path | None = None) -> Path:
         name = name or f"H{index}"
         folder = self.root / name
         done = self.medkd("client", "init", str(folder), "--name", name, "--superlink", f"127.0.0.1:{self.port}",
                           "--ca-cert", str(self.coordinator / "certs" / "ca.crt"), "--clientapp-port",
-                          str(free_port()), "--config", str(REPO / "configs" / "tiny.yaml"), "--index", str(index),
+                          str(free_port()), "--config", str(self.config), "--index", str(index),
                           "--set", f"data.data_dir={self.data_dir}", *overrides)
-        assert done.returncode == 0, done.stdout + done.stderr
+        _ok(done)
         if teacher is not None:  # a teacher trained once for the session (same policy, same fingerprint)
             shutil.copyfile(teacher, folder / "teacher.pt")
         return folder
 
-    def federation(self, *, hospitals: int = 3, teachers: dict[str, Path] | None = None) -> None:
+    def federation(self, *, hospitals: int = 3, teachers: dict[str, Path] | None = None,
+                   overrides: tuple[str, ...] = (), train_teachers: bool = False) -> None:
         """Certificates, the coordinator, and ``hospitals`` registered hospitals, all started."""
         self.make_certs()
         self.start_server()
         for i in range(hospitals):
-            self.init_hospital(i, teacher=(teachers or {}).get(f"H{i}"))
+            self.init_hospital(i, teacher=(teachers or {}).get(f"H{i}"), overrides=overrides)
             self.register(f"H{i}")
+            if train_teachers:
+                _ok(self.medkd("client", "train-teacher", str(self.root / f"H{i}")))
         for i in range(hospitals):
             self.start_hospital(f"H{i}")
 
     def spawn_study(self, out: Path, *overrides: str) -> subprocess.Popen[bytes]:
         return self.spawn("study", "server", "run", str(self.coordinator), "--config",
-                          str(REPO / "configs" / "tiny.yaml"), "--set", f"data.data_dir={self.data_dir}", *overrides,
+                          str(self.config), "--set", f"data.data_dir={self.data_dir}", *overrides,
                           "--out", str(out))
 
     def register(self, name: str) -> None:
-        done = self.medkd("server", "register", str(self.coordinator), "--name", name,
-                          str(self.root / name / "keys" / "auth.pub"))
-        assert done.returncode == 0, done.stdout + done.stderr
+        _ok(self.medkd("server", "register", str(self.coordinator), "--name", name,
+                       str(self.root / name / "keys" / "auth.pub")))
 
     def start_hospital(self, name: str) -> subprocess.Popen[bytes]:
         return self.spawn(name, "client", "start", str(self.root / name))
 
     def run_study(self, out: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        return self.medkd("server", "run", str(self.coordinator), "--config", str(REPO / "configs" / "tiny.yaml"),
+        return self.medkd("server", "run", str(self.coordinator), "--config", str(self.config),
                           "--set", f"data.data_dir={self.data_dir}", *overrides, "--out", str(out), timeout=timeout)
 
     def metrics(self, out: Path) -> dict:
@@ -216,6 +219,12 @@ class Deployment:
                 continue
             stop(self.processes[name].pid)
             self.processes[name].wait(timeout=30)
+
+
+def _ok(done: subprocess.CompletedProcess[str]) -> None:
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(done.args[3:6])} failed ({done.returncode}):\n{done.stdout[-2000:]}"
+                           f"{done.stderr[-2000:]}")
 
 
 def outbound(folder: Path) -> list[dict]:
