@@ -126,8 +126,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.method:
         overrides["method"] = args.method
     cfg = load_config(args.config, overrides=overrides)  # raises ConfigError before any work
-    _setup_logging(args.verbose)
     out_dir = args.out or Path("runs") / f"{cfg.method.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.supervised:  # from the console: run in a child we can always stop cleanly (simulations/supervise.py)
+        from simulations.supervise import supervise
+
+        return supervise([*args.raw_argv, *([] if args.out else ["--out", str(out_dir)])], out_dir=out_dir,
+                         verbose=args.verbose)
+    _setup_logging(args.verbose)
     if args.fresh:
         for name in ("checkpoint.pt", "student.pt", "metrics.json"):
             (out_dir / name).unlink(missing_ok=True)
@@ -151,6 +156,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench parses its own options (argparse cannot pass options through a subparser)
         from simulations.bench import main as bench_main
@@ -161,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return deploy_main(argv)
     args = _parser().parse_args(argv)
+    if args.command == "simulate":  # a console run (no argv given) is supervised; a child or a caller is not
+        from simulations.supervise import is_child
+
+        args.supervised = from_console and not is_child()
+        args.raw_argv = argv[1:]
     try:
         if args.command == "simulate":
             return cmd_simulate(args)

@@ -154,3 +154,15 @@ def test_approved_code_pin(tmp_path: Path, hospital: Path) -> None:
     (hospital / "approved-apps.txt").write_text("not-a-hash\n")
     with pytest.raises(MedkdError, match="not a SHA-256"):
         supernode_command(hospital)
+
+
+def test_new_key_retires_the_old_pair(hospital: Path) -> None:
+    from client.daemon import rotate_key
+    from common.certs import check_auth_keypair
+
+    old = (hospital / "keys" / "auth.pub").read_text()
+    pub = rotate_key(hospital)
+    assert pub.read_text() != old and pub.read_text().endswith(" H1\n")
+    check_auth_keypair(hospital / "keys" / "auth.key", pub)
+    [retired] = (hospital / "keys").glob("retired-*")
+    assert (retired / "auth.pub").read_text() == old and (retired / "auth.key").exists()
