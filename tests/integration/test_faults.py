@@ -92,7 +92,8 @@ def test_coordinator_killed_and_restarted_resumes(deployment: Deployment, teache
     assert "round 2 was interrupted by a coordinator stop" in done.stdout
     doc = dep.metrics(out)
     assert [r["round"] for r in doc["rounds"]] == [1, 3]
-    assert doc["rounds"][0] == round_1  # the server state from before the kill
+    same = {k: v for k, v in round_1.items() if k not in ("test_auc", "test_acc")}  # filled in at the end
+    assert {k: doc["rounds"][0][k] for k in same} == same  # the server state from before the kill
     assert doc["rounds"][1]["replies_ok"] == 3 and doc["final"]["test_auc"] is not None
     resumed = saved["state"]
     assert resumed["round"] == 1 and resumed["history"][0] == round_1
