@@ -242,17 +242,18 @@ def supernode_command(folder: Path) -> tuple[list[str], dict[str, str]]:
     return argv, env
 
 
-ACTIVATION_REFUSED = 305  # flower-supernode's exit code when the SuperLink refuses to activate the node
+ACTIVATION_REFUSED = "Failed to activate SuperNode"  # flower-supernode's message (Flower exit code 305)
+KEY_REFUSED_EXIT = 3  # `medkd client start`'s exit status when the coordinator keeps refusing this key
 REJOIN_WAIT_S = 120.0  # a node that died without signing off stays "online" for about a minute
 
 
 def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry_every_s: float = 10.0) -> int:
     """Run the hospital's ``flower-supernode`` in the foreground until it stops; returns its exit status.
 
-    SIGTERM or Ctrl-C here is passed on to it. If the coordinator refuses to activate the node (exit 305),
-    the start is retried every ``retry_every_s`` for up to ``rejoin_wait_s``: after a crash the coordinator
-    still sees this hospital online until its heartbeats expire. A key the coordinator never registered is
-    refused for good once that time is up.
+    Its output passes through unchanged; SIGTERM or Ctrl-C here is passed on to it. If the coordinator
+    refuses to activate the node, the start is retried every ``retry_every_s`` for up to ``rejoin_wait_s``:
+    after a crash the coordinator still sees this hospital online until its heartbeats expire. A key the
+    coordinator never registered is refused for good once that time is up (exit status 3).
     """
     argv, env = supernode_command(folder)
     if load_node_settings(Path(folder)).insecure:
@@ -270,17 +271,23 @@ def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry
     signal.signal(signal.SIGINT, forward)
     deadline = time.monotonic() + rejoin_wait_s
     while True:
-        proc = subprocess.Popen(argv, env=env)
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace")
         state["proc"] = proc
+        refused = False
+        for line in proc.stdout or ():
+            refused = refused or ACTIVATION_REFUSED in line
+            sys.stdout.write(line)
+            sys.stdout.flush()
         code = proc.wait()
-        if state["stop"] or code != ACTIVATION_REFUSED or time.monotonic() + retry_every_s > deadline:
+        if state["stop"] or not refused or time.monotonic() + retry_every_s > deadline:
             break
-        logger.warning("the coordinator refused to activate this hospital's node (exit %d): either it still sees "
-                       "it online after a crash, or its key is not registered; retrying in %.0f s", code,
-                       retry_every_s)
+        logger.warning("the coordinator refused to activate this hospital's node: either it still sees it "
+                       "online after a crash, or its key is not registered; retrying in %.0f s", retry_every_s)
         time.sleep(retry_every_s)
-    if code == ACTIVATION_REFUSED:
+    if refused and not state["stop"]:
         logger.error("the coordinator refused this hospital's key: ask the coordinator to register "
-                     "keys/auth.pub under this hospital's name")
+                     "keys/auth.pub under this hospital's name (`medkd server register`)")
+        return KEY_REFUSED_EXIT
     logger.info("hospital daemon stopped (exit %d); start it again with `medkd client start %s`", code, folder)
     return code
