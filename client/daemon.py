@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -247,6 +248,15 @@ KEY_REFUSED_EXIT = 3  # `medkd client start`'s exit status when the coordinator 
 REJOIN_WAIT_S = 120.0  # a node that died without signing off stays "online" for about a minute
 
 
+def _pass_through(proc: subprocess.Popen[str], refused: list[bool]) -> None:
+    """Copy the SuperNode's output to ours; note in ``refused`` when the coordinator refused activation."""
+    for line in proc.stdout or ():
+        if ACTIVATION_REFUSED in line and not refused:
+            refused.append(True)
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry_every_s: float = 10.0) -> int:
     """Run the hospital's ``flower-supernode`` in the foreground until it stops; returns its exit status.
 
@@ -274,12 +284,13 @@ def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 errors="replace")
         state["proc"] = proc
-        refused = False
-        for line in proc.stdout or ():
-            refused = refused or ACTIVATION_REFUSED in line
-            sys.stdout.write(line)
-            sys.stdout.flush()
+        seen: list[bool] = []
+        # a reader thread, not a loop here: the SuperNode's own children inherit the pipe and may outlive it
+        reader = threading.Thread(target=_pass_through, args=(proc, seen), daemon=True)
+        reader.start()
         code = proc.wait()
+        reader.join(timeout=2.0)
+        refused = bool(seen)
         if state["stop"] or not refused or time.monotonic() + retry_every_s > deadline:
             break
         logger.warning("the coordinator refused to activate this hospital's node: either it still sees it "

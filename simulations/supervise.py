@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,14 +68,18 @@ def supervise(argv: list[str], *, out_dir: Path, verbose: bool, grace_s: float =
             stopped.append(signum)
             _stop_tree(proc.pid, grace_s=grace_s)
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        assert proc.stdout is not None  # stdout=PIPE; not an input check
-        for line in proc.stdout:
+    def pass_through() -> None:
+        for line in proc.stdout or ():
             if verbose or not _NOISE.search(line):
                 sys.stdout.write(line)
                 sys.stdout.flush()
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    reader = threading.Thread(target=pass_through, daemon=True)  # engine processes may hold the pipe open
+    reader.start()
+    try:
         code = proc.wait()
+        reader.join(timeout=5.0)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
