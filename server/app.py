@@ -43,6 +43,7 @@ from server.collect import collect_replies
 from server.distill import distill_student
 from server.evaluate import privacy_line, write_metrics
 from server.identity import node_identities
+from server.inflight import mark_inflight, torn_round
 from server.metering import MeteredGrid, by_name
 from server.receipts import ReceiptSigner, issue_receipts
 from server.selection import RoundSelection, score
@@ -174,7 +175,11 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
     n_classes = split.data.n_classes
     warned: set[str] = set()
     signer, receipts = ReceiptSigner(out_dir), {}  # node -> receipt for its last reply, sent with the next query
-    for rnd in range(state.round + 1, cfg.rounds + 1):
+    first = state.round + 1
+    torn = torn_round(out_dir, completed=state.round)  # never re-ask a round hospitals may have answered
+    if torn is not None:
+        first, state.cursor = torn.round + 1, torn.cursor_after
+    for rnd in range(first, cfg.rounds + 1):
         start = time.perf_counter()
         indices, cursor = next_proxy_batch(n_proxy=proxy_images.shape[0], batch=cfg.distill.proxy_batch,
                                            cursor=state.cursor, seed=cfg.seed)
@@ -182,6 +187,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
         asked = indices[~held]
         nodes = sorted(grid.get_node_ids()) or nodes
         names = node_identities(grid)  # identity by node, never by what a reply writes
+        if asked.size:
+            mark_inflight(out_dir, rnd=rnd, cursor_after=cursor)
         result, traffic = _query_round(metered, cfg, split.proxy_hash, asked, rnd=rnd, nodes=nodes, names=names,
                                        n_classes=n_classes, receipts=receipts)
         if asked.size:  # receipts for this round's replies, sent with each hospital's next query

@@ -4,6 +4,7 @@
 ``medkd policies [--config FILE] [--set k=v ...] --hospitals-dir DIR``
 ``medkd bench [--methods NAME ...] [--partitions P ...] [--seeds S ...] [--out DIR] ...`` (see simulations/bench.py)
 ``medkd audit verify|report|canary|rotate-key ...`` (see simulations/audit_cli.py)
+``medkd certs|client|server ...``: a real deployment on Flower's SuperLink/SuperNode (see simulations/deploy_cli.py)
 
 Exit codes: 0 success, 2 invalid config or arguments, 1 any other medkd error.
 """
@@ -149,8 +150,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.method:
         overrides["method"] = args.method
     cfg = load_config(args.config, overrides=overrides)  # raises ConfigError before any work
-    _setup_logging(args.verbose)
     out_dir = args.out or Path("runs") / f"{cfg.method.value}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.supervised:  # from the console: run in a child we can always stop cleanly (simulations/supervise.py)
+        from simulations.supervise import supervise
+
+        return supervise([*args.raw_argv, *([] if args.out else ["--out", str(out_dir)])], out_dir=out_dir,
+                         verbose=args.verbose)
+    _setup_logging(args.verbose)
     if args.fresh:
         for name in ("checkpoint.pt", "student.pt", "metrics.json"):
             (out_dir / name).unlink(missing_ok=True)
@@ -174,6 +180,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_console = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # bench parses its own options (argparse cannot pass options through a subparser)
         from simulations.bench import main as bench_main
@@ -183,7 +190,16 @@ def main(argv: list[str] | None = None) -> int:
         from simulations.audit_cli import main as audit_main
 
         return audit_main(argv[1:])
+    if argv[:1] in (["certs"], ["client"], ["server"]):  # deployment commands (docs/deployment.md)
+        from simulations.deploy_cli import main as deploy_main
+
+        return deploy_main(argv)
     args = _parser().parse_args(argv)
+    if args.command == "simulate":  # a console run (no argv given) is supervised; a child or a caller is not
+        from simulations.supervise import is_child
+
+        args.supervised = from_console and not is_child()
+        args.raw_argv = argv[1:]
     try:
         if args.command == "simulate":
             return cmd_simulate(args)
