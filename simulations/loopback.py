@@ -112,6 +112,11 @@ def stop(pid: int, *, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> Non
                 pass
 
 
+# every round queries every hospital (the tiny config's proxy set is covered after two rounds, after which a
+# coordinator that holds every answer would stop asking): fault tests and latency measure query rounds
+STUDY_DEFAULTS = ("query.requery_held=true",)
+
+
 @dataclass
 class Deployment:
     """A coordinator folder, hospital folders, and the processes started from them."""
@@ -195,7 +200,7 @@ class Deployment:
 
     def spawn_study(self, out: Path, *overrides: str) -> subprocess.Popen[bytes]:
         return self.spawn("study", "server", "run", str(self.coordinator), "--config",
-                          str(self.config), "--set", f"data.data_dir={self.data_dir}", *overrides,
+                          str(self.config), "--set", f"data.data_dir={self.data_dir}", *STUDY_DEFAULTS, *overrides,
                           "--out", str(out))
 
     def register(self, name: str) -> None:
@@ -207,7 +212,8 @@ class Deployment:
 
     def run_study(self, out: Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
         return self.medkd("server", "run", str(self.coordinator), "--config", str(self.config),
-                          "--set", f"data.data_dir={self.data_dir}", *overrides, "--out", str(out), timeout=timeout)
+                          "--set", f"data.data_dir={self.data_dir}", *STUDY_DEFAULTS, *overrides, "--out", str(out),
+                          timeout=timeout)
 
     def metrics(self, out: Path) -> dict:
         return json.loads((out / "metrics.json").read_text())
