@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 
 from common.config import QueryConfig
 from common.errors import PayloadError
@@ -73,6 +74,12 @@ def collect_replies(replies: Iterable[Message], *, expected: Mapping[int, str], 
         try:
             node = int(reply.metadata.src_node_id)
             who = expected.get(node, f"node {node}")
+            if node == SUPERLINK_NODE_ID and node not in expected and reply.has_error():
+                # the SuperLink answering for a queried node it found unavailable (Flower error code 5): the
+                # hospital that did not answer is named below as having sent no reply
+                logger.info("round %d: the SuperLink reports a queried hospital unavailable: %s", round,
+                            _printable(str(reply.error.reason)))
+                continue
             if node not in expected:
                 out.rejected[who] = "reply from a node that was not queried"
             elif node in seen_nodes:

@@ -96,3 +96,17 @@ def test_logits_may_be_any_finite_value_but_not_inf() -> None:
     with pytest.raises(PayloadError, match="infinite"):
         parse_reply(_reply(1, logits, dtype=WireDtype.FLOAT32).content, n_samples=N, n_classes=C,
                     output=OutputKind.LOGITS, dtype=WireDtype.FLOAT32, simplex_tolerance=1e-2)
+
+
+def test_superlink_error_for_an_unavailable_node_is_not_an_impostor() -> None:
+    from flwr.app import Error, Message
+    from flwr.app import Metadata
+
+    from common.config import QueryConfig
+    from server.collect import collect_replies
+
+    metadata = Metadata(run_id=1, message_id="r-1", src_node_id=1, dst_node_id=1, reply_to_message_id="q-1",
+                        group_id="2", created_at=0.0, ttl=60.0, message_type="query.logits")
+    unavailable = Message(Error(code=5, reason="node unavailable"), metadata=metadata)  # how the SuperLink writes it
+    out = collect_replies([unavailable], expected={7: "H2"}, round=2, n_samples=4, n_classes=5, query=QueryConfig())
+    assert out.accepted == [] and out.rejected == {"H2": "no reply before the round's timeout"}
