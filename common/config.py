@@ -325,10 +325,8 @@ def privacy_conflicts(mechanism: PrivacyMechanism, *, selector: SelectorKind, la
                       selector_key: str) -> list[str]:
     """What a hospital may not release under a DP mechanism: outputs computed from private data outside it.
 
-    A selector's mask and density ratio, its calibration bias and label
-    counts are all computed from the private data but no mechanism covers
-    them, so a DP policy must not release them (medkd forbids rather than
-    charges them).
+    Selector outputs (mask, density ratio, calibration) and label counts come from private data no mechanism
+    covers, so a DP policy must not release them (forbidden rather than charged).
     """
     if mechanism == PrivacyMechanism.NONE:
         return []

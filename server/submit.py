@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import signal
+import sys
 import subprocess
 from pathlib import Path
 from types import FrameType
@@ -74,7 +75,8 @@ def submit_study(folder: Path, *, config: Path, overrides: list[str], out: Path,
             if (match := _RUN_ID.search(line)) and not run_id:
                 run_id.append(match.group(1))
             if not _FLOWER_NOISE.match(line):
-                print(line, end="", flush=True)
+                sys.stdout.write(line)  # the coordinator's progress, relayed to the `medkd server run` console
+                sys.stdout.flush()
         code = proc.wait()
     finally:
         for s, handler in previous.items():
