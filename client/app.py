@@ -64,7 +64,8 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
 
         outputs, model = noisy_answers(query=query, hospital=hospital, split=split, run_id=msg.metadata.run_id)
         content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=model,
-                                     privacy=label, num_private=privacy.declared_size, val_auc=float("nan"))
+                                     privacy=label, num_private=privacy.declared_size, val_auc=float("nan"),
+                                     teacher_version=_teacher_version(hospital, split))
         return Message(content, reply_to=msg)
     teacher, info = load_or_train_teacher(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                           hospital_dir=hospital.folder, run_id=msg.metadata.run_id)
@@ -73,7 +74,8 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
         outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
                                   amp=hospital.cfg.amp)
         content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
-                                     privacy=label, num_private=privacy.declared_size, val_auc=float("nan"))
+                                     privacy=label, num_private=privacy.declared_size, val_auc=float("nan"),
+                                     teacher_version=_teacher_version(hospital, split))
         return Message(content, reply_to=msg)
     from client.selector import load_or_train_selector, selection
 
@@ -84,8 +86,27 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
     mask, density = selection(selector, teacher, images, amp=hospital.cfg.amp) if selector else (None, None)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
                                  privacy=label, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
-                                 density=density, label_counts=_label_counts(query, hospital, split))
+                                 density=density, label_counts=_label_counts(query, hospital, split),
+                                 teacher_version=_teacher_version(hospital, split))
     return Message(content, reply_to=msg)
+
+
+def _teacher_version(hospital: Hospital, split: FederatedSplit) -> str:
+    """The random token naming what answers (teacher and, without DP, the selector); new when either changes.
+
+    Called after the teacher was loaded or trained (training forgets the old tokens).
+    """
+    from client.teacher import teacher_fingerprint
+    from client.teacher_version import teacher_version
+    from common.names import SelectorKind
+
+    cfg = hospital.cfg
+    identity = [teacher_fingerprint(cfg, split, hospital.index)]
+    if hospital.policy.privacy.mechanism == PrivacyMechanism.NONE and cfg.selector.kind != SelectorKind.NONE:
+        from client.selector import selector_fingerprint
+
+        identity.append(selector_fingerprint(cfg, split, hospital.index))
+    return teacher_version(hospital.folder, *identity)
 
 
 def _keep_receipt(query: Query, hospital: Hospital, *, run_id: int) -> None:

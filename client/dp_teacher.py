@@ -192,6 +192,9 @@ def pate_teachers(*, cfg: ExperimentConfig, split: FederatedSplit, hospital: int
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(path, {"state_dicts": [state_dict_on_cpu(m) for m in models],
                              "info": {"fingerprint": fingerprint, "partitions": len(models)}})
+    from client.teacher_version import forget_versions
+
+    forget_versions(Path(folder))  # new teachers announce a new version
     return models
 
 

@@ -182,6 +182,13 @@ def _weight_bytes(model: nn.Module) -> int:
 _CACHE = TeacherCache()
 
 
+def forget_teacher_versions(hospital_dir: Path) -> None:
+    """Drop the hospital's version tokens (client/teacher_version.py): the next reply announces a new one."""
+    from client.teacher_version import forget_versions
+
+    forget_versions(hospital_dir)
+
+
 def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospital: int, hospital_dir: Path,
                           retrain: bool = False, run_id: int = 0) -> tuple[nn.Module, TeacherInfo]:
     """Load ``<hospital_dir>/teacher.pt`` if it matches this config, else train and save it; on ``cfg.device``.
@@ -214,6 +221,7 @@ def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospi
                     hospital_name(hospital), path)
     model, info = train_teacher(cfg, split, hospital, folder=Path(hospital_dir), run_id=run_id)
     save_teacher(path, model, info)
+    forget_teacher_versions(Path(hospital_dir))  # a (re)trained teacher announces a new version
     model.eval()
     _CACHE.put(TeacherCache.key(path, device=cfg.device, fingerprint=fingerprint), (model, info))
     return model, info

@@ -149,8 +149,8 @@ class QueryConfig:
     max_indices: int = documented(4096, ge=1, doc="largest query the coordinator sends (each hospital's policy "
                                    "limits.max_indices_per_query decides what it answers)")
     requery_held: bool = documented(False, doc="ask again for proxy samples the coordinator already holds answers "
-                                    "for (off: teachers do not change during a run, so a repeat adds nothing and "
-                                    "could only spend hospitals' privacy budgets)")
+                                    "for (off: they are asked again only after a hospital announces a new "
+                                    "teacher_version; a repeat to an unchanged teacher adds nothing)")
     simplex_tolerance: float = documented(1e-2, gt=0.0, doc="allowed |row sum - 1| for probability replies")
 
 

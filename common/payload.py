@@ -20,7 +20,9 @@ Reply (hospital -> server)::
     ConfigRecord "hospital": name (str), model (str), privacy (str), optional together:
                              audit_seq (int >= 0), audit_head (64 hex digits): the head of the
                              hospital's audit log when the reply left (the coordinator signs
-                             it in a receipt, see server/receipts.py)
+                             it in a receipt, see server/receipts.py); optional teacher_version
+                             (16-64 hex digits, a random token per answerer: a new one means
+                             the teacher changed, so the coordinator asks held samples again)
 
 A query may carry the coordinator's receipt for the hospital's previous
 reply: ConfigRecord "receipt" (see :data:`RECEIPT_KEYS`).
@@ -67,6 +69,7 @@ MAX_ROUND = 10**6
 MAX_PRIVATE = 10**9
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
+VERSION = re.compile(r"^[0-9a-f]{16,64}$")
 HEX128 = re.compile(r"^[0-9a-f]{128}$")
 RECEIPT_KEYS = {"hospital", "round", "audit_seq", "audit_head", "reply_sha256", "coordinator_key", "signature"}
 UNDEFINED_AUC = -1.0  # val_auc when the hospital's local validation holds a single class
@@ -106,6 +109,7 @@ class Reply:
     delta: float | None = None
     audit_seq: int | None = None  # the hospital's audit-log head when the reply left
     audit_head: str | None = None
+    teacher_version: str | None = None  # opaque token; a new one means the hospital's answerer changed
 
 
 # --------------------------------------------------------------------------- query
@@ -207,11 +211,13 @@ def reportable(value: float) -> float:
 
 def make_reply_content(*, outputs: np.ndarray, dtype: WireDtype, hospital: str, model: str, privacy: str,
                        num_private: int, val_auc: float, mask: np.ndarray | None = None,
-                       density: np.ndarray | None = None, label_counts: np.ndarray | None = None) -> RecordDict:
+                       density: np.ndarray | None = None, label_counts: np.ndarray | None = None,
+                       teacher_version: str | None = None) -> RecordDict:
     """Pack teacher outputs (N, C) in the wire dtype with the hospital's metrics (NaN AUC sent as -1).
 
     ``mask`` (N,) bool and ``density`` (N,) come from the hospital's selector;
-    ``label_counts`` (C,) only where the query asked and the policy allows.
+    ``label_counts`` (C,) only where the query asked and the policy allows;
+    ``teacher_version`` is the random token naming the answerer (client/teacher_version.py).
     """
     wire = np.ascontiguousarray(outputs, dtype=_WIRE_DTYPES[dtype])
     arrays = {"outputs": Array(wire)}
@@ -222,10 +228,13 @@ def make_reply_content(*, outputs: np.ndarray, dtype: WireDtype, hospital: str, 
     metrics: dict[str, Any] = {"num_private": int(num_private), "val_auc": reportable(val_auc)}
     if label_counts is not None:
         metrics["label_counts"] = [int(c) for c in label_counts]
+    info: dict[str, Any] = {"name": hospital, "model": model, "privacy": privacy}
+    if teacher_version is not None:
+        info["teacher_version"] = teacher_version
     return RecordDict({
         "outputs": ArrayRecord(arrays),
         "metrics": MetricRecord(metrics),
-        "hospital": ConfigRecord({"name": hospital, "model": model, "privacy": privacy}),
+        "hospital": ConfigRecord(info),
     })
 
 
@@ -312,8 +321,9 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
         raise PayloadError(f"must be in [0, 1] (or -1: undefined), got {val_auc}", field="metrics.val_auc")
     info = content.config_records["hospital"]
     audit_keys = {"audit_seq", "audit_head"}
-    check_keys(info, field="hospital", required={"name", "model", "privacy"}
-               | (audit_keys if audit_keys & {str(k) for k in info.keys()} else set()))
+    info_keys = {str(k) for k in info.keys()}
+    check_keys(info, field="hospital", required={"name", "model", "privacy"} | (info_keys & {"teacher_version"})
+               | (audit_keys if audit_keys & info_keys else set()))
     name = as_text(info["name"], field="hospital.name", max_len=64, pattern=NAME_PATTERN)
     model = as_text(info["model"], field="hospital.model", max_len=64)
     privacy = as_text(info["privacy"], field="hospital.privacy")
@@ -321,9 +331,12 @@ def _parse_reply(content: Any, *, n_samples: int, n_classes: int, output: Output
     if "audit_seq" in info:
         audit_seq = as_integer(info["audit_seq"], field="hospital.audit_seq", low=0, high=2**62)
         audit_head = as_text(info["audit_head"], field="hospital.audit_head", max_len=64, pattern=HEX64)
+    version = None
+    if "teacher_version" in info:
+        version = as_text(info["teacher_version"], field="hospital.teacher_version", max_len=64, pattern=VERSION)
     return Reply(hospital=name, model=model, privacy=privacy, outputs=values, num_private=num_private,
                  val_auc=val_auc, mask=mask, density=density, label_counts=label_counts, epsilon=spent, delta=delta,
-                 audit_seq=audit_seq, audit_head=audit_head)
+                 audit_seq=audit_seq, audit_head=audit_head, teacher_version=version)
 
 
 def _label_counts(value: Any, *, n_classes: int, num_private: int) -> np.ndarray:

@@ -38,6 +38,7 @@ from common.runconfig import config_from_run_config, out_dir_from_run_config
 from common.split import class_warnings, make_split, tensors
 from common.training import seed_everything
 from server.aggregate import aggregate_outputs, answered, normalised_entropy, probs_from_logits
+from server.bank import teacher_changes, update_bank, with_held
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.collect import collect_replies
 from server.distill import distill_student
@@ -98,20 +99,6 @@ def next_proxy_batch(*, n_proxy: int, batch: int, cursor: int, seed: int) -> tup
     batch = min(batch, n_proxy)
     take = [order[(cursor + k) % n_proxy] for k in range(batch)]
     return np.sort(np.asarray(take, dtype=np.int64)), (cursor + batch) % n_proxy
-
-
-def update_bank(state: ServerState, indices: np.ndarray, probs: torch.Tensor,
-                dropped: np.ndarray | None = None) -> None:
-    """Insert (or refresh) soft labels for ``indices`` in the bank, and forget ``dropped`` ones. probs: (N, C)."""
-    idx = torch.as_tensor(indices, dtype=torch.int64)
-    if state.bank_indices.numel() == 0:
-        state.bank_indices, state.bank_probs = idx.clone(), probs.clone()
-        return
-    gone = idx if dropped is None or len(dropped) == 0 else torch.cat([idx, torch.as_tensor(dropped,
-                                                                                           dtype=torch.int64)])
-    keep = ~torch.isin(state.bank_indices, gone)
-    state.bank_indices = torch.cat([state.bank_indices[keep], idx])
-    state.bank_probs = torch.cat([state.bank_probs[keep], probs])
 
 
 def fuse_replies(accepted: list[Any], cfg: ExperimentConfig, indices: np.ndarray,
@@ -200,13 +187,16 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
             logger.warning("round %d: %d valid replies, below the quorum of %d; the new samples are not used",
                            rnd, len(result.accepted), quorum)
         kept_new, probs_new, gone = asked[:0], torch.empty(0, n_classes), asked[:0]
+        if teacher_changes(state, result.accepted, rnd=rnd, held=int(state.held.numel()),
+                           requery=not cfg.query.requery_held):
+            state.held = state.held[:0]  # ask every held sample again as it comes up (unchanged teachers: free)
         if asked.size and enough:
             _warn_label_counts(result.accepted, cfg, warned)
             kept_new, probs_new, dropped = fuse_replies(result.accepted, cfg, asked, n_classes)
             gone = dropped.pop("dropped_indices")
             state.held = torch.cat([state.held, torch.as_tensor(asked, dtype=torch.int64)])
         if held.any() or (asked.size and enough):
-            kept, probs = _with_held(state, indices[held], kept_new, probs_new)
+            kept, probs = with_held(state, indices[held], kept_new, probs_new)
             update_bank(state, kept, probs, dropped=gone)
             if state.bank_indices.numel() >= 2:
                 bank_pos = state.bank_indices
@@ -273,25 +263,6 @@ def _query_round(metered: MeteredGrid, cfg: ExperimentConfig, proxy_hash: str, a
     result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
                              n_samples=len(asked), n_classes=n_classes, query=cfg.query)
     return result, traffic
-
-
-def _with_held(state: ServerState, held: np.ndarray, kept_new: np.ndarray,
-               probs_new: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """This round's soft labels in index order: held samples from the bank, new ones from the replies."""
-    in_bank = np.isin(held, state.bank_indices.numpy())
-    held = held[in_bank]  # held samples that were dropped (nobody answered, ambiguous) stay dropped
-    if held.size:
-        lookup = {int(i): k for k, i in enumerate(state.bank_indices.tolist())}
-        held_probs = state.bank_probs[[lookup[int(i)] for i in held]]
-    else:
-        held_probs = probs_new.new_zeros((0, probs_new.shape[1] if probs_new.dim() == 2 else 0))
-    if kept_new.size == 0:
-        return held, held_probs
-    if held.size == 0:
-        return kept_new, probs_new
-    merged = np.concatenate([held, kept_new])
-    order = np.argsort(merged, kind="stable")
-    return merged[order], torch.cat([held_probs, probs_new])[torch.as_tensor(order)]
 
 
 def _privacy(accepted: list[Any]) -> dict[str, dict[str, Any]]:

@@ -37,6 +37,7 @@ class ServerState:
     held: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.int64))  # answered indices (K,)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    teacher_versions: dict[str, str] = field(default_factory=dict)  # hospital -> last announced teacher version
 
 
 def config_hash(cfg: ExperimentConfig) -> str:
@@ -56,7 +57,7 @@ def save_checkpoint(out_dir: Path, *, cfg: ExperimentConfig, student: torch.nn.M
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "state": {"round": state.round, "cursor": state.cursor, "bank_indices": state.bank_indices,
                   "bank_probs": state.bank_probs, "history": state.history, "seconds": state.seconds,
-                  "held": state.held},
+                  "held": state.held, "teacher_versions": dict(state.teacher_versions)},
     }
     atomic_torch_save(Path(out_dir) / CHECKPOINT_FILE, payload)
     atomic_torch_save(Path(out_dir) / STUDENT_FILE, {"model": cfg.student.model, "state_dict": state_dict_on_cpu(student),
@@ -89,6 +90,7 @@ def load_checkpoint(out_dir: Path, *, cfg: ExperimentConfig, student: torch.nn.M
     s = saved["state"]
     state = ServerState(round=int(s["round"]), cursor=int(s["cursor"]), bank_indices=s["bank_indices"],
                         bank_probs=s["bank_probs"], history=list(s["history"]), seconds=float(s["seconds"]),
-                        held=s.get("held", s["bank_indices"]))
+                        held=s.get("held", s["bank_indices"]),
+                        teacher_versions={str(k): str(v) for k, v in s.get("teacher_versions", {}).items()})
     logger.info("resuming from %s after round %d", path, state.round)
     return state

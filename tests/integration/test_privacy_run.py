@@ -86,3 +86,27 @@ def test_coordinator_does_not_ask_again_for_samples_it_holds(tiny_config, tmp_pa
     redo = json.loads((again / "metrics.json").read_text())
     assert [r["samples_queried"] for r in redo["rounds"]] == [200, 200, 200]
     assert [r["val_auc"] for r in redo["rounds"]] == pytest.approx([r["val_auc"] for r in doc["rounds"]], abs=1e-6)
+
+
+def test_a_changed_teacher_is_asked_again_and_unchanged_ones_answer_for_free(tiny_config, tmp_path: Path,
+                                                                             caplog) -> None:
+    from client.daemon import train_hospital_teacher
+
+    caplog.set_level(logging.WARNING, logger="server")
+    batch, z = 100, 8.0  # 270 proxy samples: rounds 1-3 cover them all, round 4 only holds samples
+    gaussian = {"2": {"privacy": {"mechanism": "hospital_gaussian", "noise_multiplier": z, "budget_epsilon": 1e6}}}
+    out = tmp_path / "run"
+    simulate(tiny_config(**{"rounds": 2, "distill.proxy_batch": batch, "policy_per_hospital": gaussian}), out_dir=out)
+    train_hospital_teacher(out / "hospitals" / "H1", retrain=True)  # `medkd client train-teacher --retrain`
+    simulate(tiny_config(**{"rounds": 4, "distill.proxy_batch": batch, "policy_per_hospital": gaussian}), out_dir=out)
+    doc = json.loads((out / "metrics.json").read_text())
+    # round 3 brings H1's new teacher version: the coordinator forgets what it held, so round 4 asks again
+    assert [r["samples_queried"] for r in doc["rounds"]] == [100, 100, 70, 100]
+    assert [r["samples_held"] for r in doc["rounds"]] == [0, 0, 30, 0]
+    assert any("the teacher of H1 changed since its last reply" in r.getMessage() for r in caplog.records)
+    h2 = out / "hospitals" / "H2"  # unchanged H2 answers the repeated samples from its release record: no charge
+    assert [(e.round, e.event) for e in read_entries(h2 / "privacy_ledger.jsonl")] == [
+        (1, GaussianEvent(z, 100)), (2, GaussianEvent(z, 100)), (3, GaussianEvent(z, 70))]
+    lines = [json.loads(x) for x in (h2 / "outbound.jsonl").read_text().splitlines()]
+    assert [(x["n_indices"], x["charged"]) for x in lines] == [(100, 1), (100, 1), (70, 1), (100, 0)]
+    assert doc["rounds"][3]["privacy"]["H2"]["epsilon"] == doc["rounds"][2]["privacy"]["H2"]["epsilon"]
