@@ -37,6 +37,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.accounting import gaussian_noise_for_epsilon
 from common.atomic import atomic_write_json, atomic_write_text
 from simulations.bench import main as bench_main
@@ -108,6 +110,35 @@ def _markdown(tables: list[dict[str, Any]], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pate_diagnostic(study_dir: Path) -> dict[str, Any] | None:
+    """What the PATE teachers know before noise (simulations/pate_votes.py), over every PATE hospital folder."""
+    from simulations.pate_votes import vote_report
+
+    import yaml
+
+    reports, seen = [], set()
+    for policy in sorted(study_dir.glob("hospitals/*/H*/policy.yaml")):
+        # every ε trains the same teachers (same data, seed and recipe; only the noise differs): one folder each
+        key = (yaml.safe_load(policy.read_text())["share"]["seed"], policy.parent.name)
+        if (policy.parent / "pate" / "teachers.pt").exists() and key not in seen:
+            seen.add(key)
+            reports.append(vote_report(policy.parent))
+    if not reports:
+        return None
+    teachers = sum(r["teachers"] for r in reports)
+    constant = sum(r["teachers_with_one_class_for_every_input"] for r in reports)
+    aucs = [r["proxy_auc_of_noiseless_vote_share"] for r in reports if "proxy_auc_of_noiseless_vote_share" in r]
+    text = (f"PATE teachers before noise (`python -m simulations.pate_votes`, {len(reports)} hospital folders: one per "
+            f"seed and hospital, "
+            f"{teachers} teachers of about {reports[0]['records_per_teacher']:g} records each): {constant} of "
+            f"{teachers} predict one class for every proxy sample")
+    if aucs:
+        text += (f"; AUC of the noiseless vote share on the proxy labels {np.mean(aucs):.3f} "
+                 f"(min {min(aucs):.3f}, max {max(aucs):.3f})")
+    return {"hospitals": len(reports), "teachers": teachers, "constant": constant, "vote_auc": aucs,
+            "text": text + "."}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m simulations.privacy_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
         tables.extend(_table(study, rows, names))
     command = "python -m simulations.privacy_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     text = _markdown(tables, command)
+    diagnostic = _pate_diagnostic(args.out / "pate") if "pate" in args.studies else None
+    if diagnostic:
+        text += "\n" + diagnostic["text"] + "\n"
     atomic_write_text(args.out / "privacy.md", text)
     atomic_write_json(args.out / "privacy.json", {"delta": DELTA, "rows": tables,
-                                                  "mean": {r["variant"]: r["test_auc_mean"] for r in tables}})
+                                                  "mean": {r["variant"]: r["test_auc_mean"] for r in tables},
+                                                  "pate_teachers": diagnostic})
     sys.stdout.write(text)
     return status
 
