@@ -291,8 +291,11 @@ def run_canary_audit(policy_path: Path, *, m: int, k_plus: int, k_minus: int, ru
     from common.policy import load_policy
     from common.split import make_split
 
+    import torch
+
     start = time.perf_counter()
     original = audit_policy(load_policy(policy_path), audit_mode=audit_mode, epochs=epochs)
+    torch.set_num_threads(original.threads)  # the hospital's CPU budget, as its ClientApp uses (client/app.py)
     rng = np.random.default_rng(seed)
     all_scores, all_included, per_run = [], [], []
     upper: float | None = None
