@@ -252,7 +252,8 @@ def _teacher_facts(folder: Path) -> dict[str, Any]:
     if loaded is None:
         return {}
     info = loaded[1]
-    return {"best_epoch": info.best_epoch, "epochs_run": info.epochs_run, "val_auc": info.val_auc,
+    val_auc = info.val_auc if math.isfinite(info.val_auc) else None  # a DP teacher has none (strict JSON: no NaN)
+    return {"best_epoch": info.best_epoch, "epochs_run": info.epochs_run, "val_auc": val_auc,
             "seconds": info.seconds}
 
 
