@@ -294,6 +294,11 @@ def run_canary_audit(policy_path: Path, *, m: int, k_plus: int, k_minus: int, ru
 
     import torch
 
+    bad = [f"{a}:{b}" for a, b in ((k_plus, k_minus), *k_grid) if a < 0 or b < 0 or a + b > m]
+    if bad:
+        raise CanaryError(f"guesses k+:k- must be >= 0 and add up to at most m={m}; got {', '.join(bad)}")
+    if epochs is not None and epochs < 1:
+        raise CanaryError(f"epochs must be >= 1, got {epochs}")
     start = time.perf_counter()
     original = audit_policy(load_policy(policy_path), audit_mode=audit_mode, epochs=epochs)
     torch.set_num_threads(original.threads)  # the hospital's CPU budget, as its ClientApp uses (client/app.py)

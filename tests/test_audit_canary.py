@@ -68,6 +68,9 @@ def test_audit_mode_changes_only_the_training_recipe(medmnist_dir: Path, tmp_pat
     assert audited.teacher.lr == policy.teacher.lr and audited.privacy == policy.privacy
     with pytest.raises(CanaryError, match="audit-mode"):
         audit_policy(policy, audit_mode=False, epochs=7)
+    with pytest.raises(CanaryError, match="at most m=10; got 6:6, 11:0"):  # refused before any training
+        run_canary_audit(tmp_path / "policy.yaml", m=10, k_plus=6, k_minus=6, work_dir=tmp_path / "c",
+                         k_grid=((5, 5), (11, 0)))
 
 
 def test_grid_bounds_report_every_entry_and_the_bonferroni_level() -> None:
