@@ -131,7 +131,9 @@ def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labe
 
     Trains on the device ``model`` is on (place it first, see
     :func:`common.device.place_model`). With ``class_weighted``, the loss
-    uses inverse-frequency class weights.
+    uses inverse-frequency class weights. ``patience`` 0 turns early stopping
+    off: every epoch runs and the last weights are kept (the canary audit's
+    audit-mode training, :mod:`client.canary`); ``best_epoch`` is then ``epochs``.
     """
     gen = seed_everything(seed)
     train_images, train_labels = to_model_device(model, train_images, train_labels)
@@ -153,7 +155,9 @@ def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labe
         val = evaluate_model(model, val_images, val_labels, amp=amp)
         score = val.auc if not math.isnan(val.auc) else val.acc
         logger.debug("%sepoch %d loss %.4f val auc %.4f acc %.4f", log_prefix, epoch, loss, val.auc, val.acc)
-        if score > best_score:
+        if patience == 0:  # no early stopping: the last epoch's weights are the result
+            best_epoch, best_val = epoch, val
+        elif score > best_score:
             best_score, best_epoch, since_best, best_val = score, epoch, 0, val
             best_state = copy.deepcopy(model.state_dict())
         else:

@@ -9,7 +9,8 @@
 ``medkd audit report DIR [--html FILE] [--json FILE] [--values]``
     What left, per round and in total; the ledger replayed into a fresh
     accountant; mechanism labels; plots (in the HTML, one self-contained file).
-``medkd audit canary DIR [--m M] [--k-plus K] [--k-minus K] [--runs R] [--alpha A] [--work DIR]``
+``medkd audit canary DIR [--m M] [--pool proxy|heldout] [--k-plus K] [--k-minus K] [--k-grid K+:K-,...]
+[--audit-mode [--epochs E]] [--runs R] [--alpha A] [--work DIR]``
     Empirical ε lower bound with canaries (Steinke, Nasr & Jagielski 2023),
     printed as JSON; exit 3 if it exceeds the ledger's ε (see :mod:`client.canary`).
 ``medkd audit rotate-key HOSPITAL_DIR``
@@ -24,6 +25,15 @@ import sys
 from pathlib import Path
 
 from common.errors import MedkdError
+
+
+def _k_grid(text: str) -> tuple[tuple[int, int], ...]:
+    """``"25:25,50:0"`` -> ((25, 25), (50, 0))."""
+    try:
+        pairs = tuple((int(a), int(b)) for a, b in (item.split(":") for item in text.split(",") if item.strip()))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected K+:K- pairs separated by commas, e.g. 25:25,50:0; got {text!r}") from e
+    return pairs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +52,17 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--values", action="store_true", help="include every released value in the JSON")
     canary = sub.add_parser("canary", help="empirical ε lower bound from canaries (Steinke, Nasr & Jagielski 2023)")
     canary.add_argument("dir", type=Path, help="the hospital folder (holding policy.yaml) or the policy file")
-    canary.add_argument("--m", type=int, default=200, help="canaries per run (proxy samples given wrong labels)")
+    canary.add_argument("--m", type=int, default=200, help="canaries per run (images given wrong labels)")
+    canary.add_argument("--pool", choices=["proxy", "heldout"], default="proxy",
+                        help="canaries from the proxy set, or from the proxy set plus the official test and "
+                        "validation images (appended to the scratch copy's proxy set)")
+    canary.add_argument("--audit-mode", action="store_true",
+                        help="audit-mode training: no early stopping (last weights), no augmentation; the bound "
+                        "then audits that recipe, not the production one")
+    canary.add_argument("--epochs", type=int, default=None, help="with --audit-mode: teacher epochs (default: the "
+                        "policy's teacher.epochs)")
+    canary.add_argument("--k-grid", type=_k_grid, default=(), help="further K+:K- pairs, comma-separated, reported "
+                        "on the same scores; their best is bounded at alpha / (grid size)")
     canary.add_argument("--k-plus", type=int, default=None, help="guess 'in' for this many top scores (default m/10)")
     canary.add_argument("--k-minus", type=int, default=None, help="guess 'out' for this many bottom scores "
                         "(default m/10)")
@@ -135,7 +155,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 
 
 def cmd_canary(args: argparse.Namespace) -> int:
-    from client.canary import CanaryViolation, run_canary_audit
+    from client.canary import CanaryPool, CanaryViolation, run_canary_audit
     from common.atomic import atomic_write_text
     from common.policy import POLICY_FILE
 
@@ -146,7 +166,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
     try:
         result = run_canary_audit(policy, m=args.m, k_plus=k_plus, k_minus=k_minus, runs=args.runs, seed=args.seed,
                                   alpha=args.alpha, delta=args.delta, work_dir=args.work or policy.parent / "canary-audit",
-                                  reference=args.reference)
+                                  reference=args.reference, pool=CanaryPool(args.pool), audit_mode=args.audit_mode,
+                                  epochs=args.epochs, k_grid=args.k_grid)
     except CanaryViolation as e:
         print(f"medkd audit canary: VIOLATION: {e}", file=sys.stderr)
         result, status = e.result, 3  # type: ignore[attr-defined]

@@ -123,3 +123,15 @@ def test_teacher_cache_is_bounded_by_the_bytes_of_its_weights(tmp_path) -> None:
     path = tmp_path / "t2.pt"
     path.write_bytes(b"changed")  # a retrained teacher is a new key, never served stale
     assert cache.get(TeacherCache.key(path, device="cpu", fingerprint="f")) is None
+
+
+def test_patience_zero_trains_every_epoch_and_keeps_the_last_weights() -> None:
+    images, labels = _data(96)
+    model = build_model("smallcnn", SPEC)
+    result = train_supervised(model=model, train_images=images[:64], train_labels=labels[:64], val_images=images[64:],
+                              val_labels=labels[64:], epochs=3, patience=0, batch_size=32, lr=1e-3, weight_decay=0.0,
+                              augment=False, seed=0)
+    assert (result.epochs_run, result.best_epoch) == (3, 3)
+    after = predict_logits(model, images[64:])
+    # the reported validation figures are those of the weights the model holds now: the last epoch's
+    assert result.val.acc == pytest.approx(float((after.argmax(1) == labels[64:]).float().mean()), abs=1e-6)
