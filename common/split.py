@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from common.config import ExperimentConfig, ProxySource
-from common.data import ImageSplit, MedMNISTData, class_counts, load_medmnist, resolve_dataset, to_tensor
+from common.data import ImageSplit, MedMNISTData, class_counts, load_medmnist, to_tensor
+from common.datasets import resolve_dataset
 from common.device import ResidentImages
 from common.models import ModelSpec
 from common.partition import partition_indices, split_proxy

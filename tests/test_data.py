@@ -1,4 +1,4 @@
-"""Tests for common.data: loading, validation, resolution and download of MedMNIST files."""
+"""Tests for common.data and common.datasets: loading, validation, resolution and download of MedMNIST files."""
 
 from __future__ import annotations
 
@@ -16,16 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import (
-    MEDMNIST_INFO,
-    ImageSplit,
-    MedMNISTData,
-    class_counts,
-    default_data_dir,
-    load_medmnist,
-    resolve_dataset,
-    to_tensor,
-)
+from common.data import ImageSplit, MedMNISTData, class_counts, load_medmnist, to_tensor
+from common.datasets import MEDMNIST_INFO, default_data_dir, resolve_dataset
 from common.errors import DataError
 from tests.conftest import MEDMNIST_DIR
 
