@@ -19,17 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from simulations.loopback import Deployment, descendants
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return 0
-    return 0
+from common.processes import tree_rss_bytes
+from simulations.loopback import Deployment
 
 
 class TreeMemory:
@@ -42,8 +33,7 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = {p for root in self.roots for p in (root, *descendants(root))}
-            self.peak = max(self.peak, sum(_rss_bytes(p) for p in pids))
+            self.peak = max(self.peak, tree_rss_bytes(self.roots))
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> TreeMemory:

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from simulations.loopback import Deployment, clientapp_pids, crash, outbound
+from common.processes import crash
+from simulations.loopback import Deployment, clientapp_pids, outbound
 
 pytestmark = pytest.mark.slow
 
