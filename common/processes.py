@@ -109,6 +109,18 @@ def rss_bytes(pid: int) -> int:
         return 0
 
 
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of ``pid`` in bytes: its resident memory with each shared page split among the
+    processes that share it (so a sum over processes does not count shared libraries many times); 0 if gone."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, IndexError, ValueError):
+        return 0
+    return 0
+
+
 def tree_rss_bytes(roots: Iterable[int]) -> int:
     """Summed resident memory of the processes ``roots`` and all their descendants, each counted once."""
     pids = {p for root in roots for p in (root, *descendants(root))}
