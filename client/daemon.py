@@ -13,8 +13,9 @@ Everything a hospital holds stays in its folder ``DIR`` (``medkd client init DIR
     DIR/hospital.log       the hospital's own log (refusals, ignored coordinator requests)
     DIR/approved-apps.txt  (optional) SHA-256 of the app bundles this hospital runs (``medkd client approve``)
 
-``medkd client start DIR`` runs ``flower-supernode`` in the foreground (SIGTERM/Ctrl-C stop it and all it started), with TLS, the authentication key, ``node_config`` pointing at ``DIR/policy.yaml``, runtime
-dependency installation left off (the default of ``flower-supernode``), and ``FLWR_HOME=DIR/flwr-home``.
+``medkd client start DIR`` runs ``flower-supernode`` in the foreground (SIGTERM/Ctrl-C stop it and all it
+started), with TLS, the authentication key, ``node_config`` pointing at ``DIR/policy.yaml``, runtime dependency
+installation left off (the default of ``flower-supernode``), and ``FLWR_HOME=DIR/flwr-home``.
 """
 
 from __future__ import annotations
