@@ -71,7 +71,7 @@ def _follow_study(dep: Deployment, out: Path, *, timeout_s: float) -> bool:
     return False
 
 
-def run(*, data_dir: Path, hospitals: int, rounds: int, out: Path) -> dict[str, object]:
+def run(*, data_dir: Path, hospitals: int, rounds: int, out: Path, reply_timeout_s: int) -> dict[str, object]:
     out.mkdir(parents=True, exist_ok=True)
     dep = Deployment(root=Path(tempfile.mkdtemp(prefix="medkd-load-")), data_dir=data_dir)
     setting = (f"federation.hospitals={hospitals}", "federation.partition=iid", "teacher.epochs=2",
@@ -82,7 +82,8 @@ def run(*, data_dir: Path, hospitals: int, rounds: int, out: Path) -> dict[str, 
         ready_s = time.perf_counter() - start
         load_before = os.getloadavg()
         with TreeMemory() as memory:  # the coordinator, the hospitals and the study, all started from here
-            done = dep.run_study(dep.root / "study", f"rounds={rounds}", *setting, "federation.reply_timeout_s=1200",
+            done = dep.run_study(dep.root / "study", f"rounds={rounds}", *setting,
+                                 f"federation.reply_timeout_s={reply_timeout_s}",
                                  timeout=3600)
             stream_broke = done.returncode != 0 and _follow_study(dep, dep.root / "study", timeout_s=3600)
         load_after = os.getloadavg()
@@ -95,7 +96,8 @@ def run(*, data_dir: Path, hospitals: int, rounds: int, out: Path) -> dict[str, 
     result = {"hospitals": hospitals, "rounds": rounds, "seconds_per_round": seconds,
               "query_seconds_per_round": [r["query_seconds"] for r in rounds_doc],
               "mean_after_first_s": statistics.mean(seconds[1:] or seconds),
-              "replies_ok": [r["replies_ok"] for r in rounds_doc], "log_stream_broke": stream_broke,
+              "replies_ok": [r["replies_ok"] for r in rounds_doc], "reply_timeout_s": reply_timeout_s,
+              "log_stream_broke": stream_broke,
               "peak_rss_bytes": memory.peak_rss,
               "peak_pss_bytes": memory.peak_pss, "peak_processes": memory.peak_processes, "startup_s": ready_s,
               "load_average_before_study": load_before, "load_average_after_study": load_after,
@@ -110,8 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hospitals", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("runs") / "load")
+    parser.add_argument("--reply-timeout-s", type=int, default=300,
+                        help="a round waits this long for a reply that never comes (e.g. lost by the SuperLink)")
     args = parser.parse_args(argv)
-    r = run(data_dir=args.data_dir.resolve(), hospitals=args.hospitals, rounds=args.rounds, out=args.out)
+    r = run(data_dir=args.data_dir.resolve(), hospitals=args.hospitals, rounds=args.rounds, out=args.out,
+            reply_timeout_s=args.reply_timeout_s)
     print(f"{r['hospitals']} SuperNodes, {r['rounds']} rounds on {r['cpus']} CPUs; daemons up and registered in "
           f"{r['startup_s']:.0f} s; load average {r['load_average_before_study'][0]:.1f} before the study, "
           f"{r['load_average_after_study'][0]:.1f} after")
