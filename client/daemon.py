@@ -13,8 +13,9 @@ Everything a hospital holds stays in its folder ``DIR`` (``medkd client init DIR
     DIR/hospital.log       the hospital's own log (refusals, ignored coordinator requests)
     DIR/approved-apps.txt  (optional) SHA-256 of the app bundles this hospital runs (``medkd client approve``)
 
-``medkd client start DIR`` runs ``flower-supernode`` in the foreground (SIGTERM/Ctrl-C passed on), with TLS, the authentication key, ``node_config`` pointing at ``DIR/policy.yaml``, runtime
-dependency installation left off (the default of ``flower-supernode``), and ``FLWR_HOME=DIR/flwr-home``.
+``medkd client start DIR`` runs ``flower-supernode`` in the foreground (SIGTERM/Ctrl-C stop it and all it
+started), with TLS, the authentication key, ``node_config`` pointing at ``DIR/policy.yaml``, runtime dependency
+installation left off (the default of ``flower-supernode``), and ``FLWR_HOME=DIR/flwr-home``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from common.atomic import atomic_write_text
 from common.certs import write_auth_keypair
 from common.errors import ConfigError, MedkdError
 from common.policy import POLICY_FILE, HospitalPolicy, load_policy, write_policy
+from common.processes import StopRequested, become_subreaper, stop_on_signals, stop_tree
 
 logger = logging.getLogger(__name__)
 
@@ -257,48 +259,54 @@ def _pass_through(proc: subprocess.Popen[str], refused: list[bool]) -> None:
         sys.stdout.flush()
 
 
-def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry_every_s: float = 10.0) -> int:
+def start_supernode(folder: Path, *, rejoin_wait_s: float = REJOIN_WAIT_S, retry_every_s: float = 10.0,
+                    stop_grace_s: float = 20.0) -> int:
     """Run the hospital's ``flower-supernode`` in the foreground until it stops; returns its exit status.
 
-    Its output passes through unchanged; SIGTERM or Ctrl-C here is passed on to it. If the coordinator
-    refuses to activate the node, the start is retried every ``retry_every_s`` for up to ``rejoin_wait_s``:
-    after a crash the coordinator still sees this hospital online until its heartbeats expire. A key the
-    coordinator never registered is refused for good once that time is up (exit status 3).
+    Its output passes through unchanged. SIGTERM or Ctrl-C here stops it and everything it started: the
+    SuperNode gets SIGTERM and ``stop_grace_s`` seconds to sign off; its ClientApp and SuperExec processes that
+    are still running after that are ended and logged (:func:`common.processes.stop_tree`), so nothing of the
+    hospital is left running; the exit status is then 0. If the coordinator refuses to activate the node, the
+    start is retried every ``retry_every_s`` for up to ``rejoin_wait_s``: after a crash the coordinator still
+    sees this hospital online until its heartbeats expire. A key the coordinator never registered is refused
+    for good once that time is up (exit status 3).
     """
     argv, env = supernode_command(folder)
     if load_node_settings(Path(folder)).insecure:
         logger.warning("%s", INSECURE_WARNING)
     logger.info("starting: %s", " ".join(argv))
-    state: dict[str, object] = {"proc": None, "stop": False}
-
-    def forward(signum: int, _frame: object) -> None:
-        state["stop"] = True
-        proc = state["proc"]
-        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    become_subreaper()  # SuperExec and ClientApps orphaned by a stopped SuperNode stay in this process's tree
+    stopping: list[int] = []
+    stop_on_signals(stopping)
     deadline = time.monotonic() + rejoin_wait_s
-    while True:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace")
-        state["proc"] = proc
-        seen: list[bool] = []
-        # a reader thread, not a loop here: the SuperNode's own children inherit the pipe and may outlive it
-        reader = threading.Thread(target=_pass_through, args=(proc, seen), daemon=True)
-        reader.start()
-        code = proc.wait()
-        reader.join(timeout=2.0)
-        refused = bool(seen)
-        if state["stop"] or not refused or time.monotonic() + retry_every_s > deadline:
-            break
-        logger.warning("the coordinator refused to activate this hospital's node: either it still sees it "
-                       "online after a crash, or its key is not registered; retrying in %.0f s", retry_every_s)
-        time.sleep(retry_every_s)
-    if refused and not state["stop"]:
+    code, refused, proc = 0, False, None
+    try:
+        while True:
+            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    errors="replace")
+            seen: list[bool] = []
+            # a reader thread, not a loop here: the SuperNode's own children inherit the pipe and may outlive it
+            reader = threading.Thread(target=_pass_through, args=(proc, seen), daemon=True)
+            reader.start()
+            code = proc.wait()
+            stop_tree(proc, grace_s=stop_grace_s, adopted=True)  # what the SuperNode left behind
+            reader.join(timeout=2.0)
+            refused = bool(seen)
+            if not refused or time.monotonic() + retry_every_s > deadline:
+                break
+            logger.warning("the coordinator refused to activate this hospital's node: either it still sees it "
+                           "online after a crash, or its key is not registered; retrying in %.0f s", retry_every_s)
+            time.sleep(retry_every_s)
+    except StopRequested:
+        ended = stop_tree(proc, grace_s=stop_grace_s, adopted=True) if proc is not None else []
+        logger.info("hospital daemon stopped (%s)%s; nothing of it is left running; start it again with "
+                    "`medkd client start %s`", signal.Signals(stopping[0]).name,
+                    f", {len(ended)} leftover process(es) ended" if ended else "", folder)
+        return 0
+    if refused:
         logger.error("the coordinator refused this hospital's key: ask the coordinator to register "
                      "keys/auth.pub under this hospital's name (`medkd server register`)")
         return KEY_REFUSED_EXIT
-    logger.info("hospital daemon stopped (exit %d); start it again with `medkd client start %s`", code, folder)
-    return code
+    logger.info("hospital daemon stopped (flower-supernode exit %d); start it again with `medkd client start %s`",
+                code, folder)
+    return code if code >= 0 else 128 - code

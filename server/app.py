@@ -178,6 +178,7 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
             mark_inflight(out_dir, rnd=rnd, cursor_after=cursor)
         result, traffic = _query_round(metered, cfg, split.proxy_hash, asked, rnd=rnd, nodes=nodes, names=names,
                                        n_classes=n_classes, receipts=receipts)
+        query_seconds = time.perf_counter() - start  # until the last reply (or the timeout): the hospitals' part
         if asked.size:  # receipts for this round's replies, sent with each hospital's next query
             receipts = issue_receipts(signer, result.accepted, reply_sha256=traffic.reply_sha256, names=names,
                                       round=rnd)
@@ -213,7 +214,7 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
             "bytes_up": by_name(traffic.bytes_up, names), "bytes_down": by_name(traffic.bytes_down, names),
             "reply_sha256": by_name(traffic.reply_sha256, names),
             "replies_ok": len(result.accepted), "replies_rejected": len(result.rejected),
-            "rejected": result.rejected, "seconds": seconds, "distill_loss": loss,
+            "rejected": result.rejected, "seconds": seconds, "query_seconds": query_seconds, "distill_loss": loss,
             "proxy_samples_labelled": int(state.bank_indices.numel()),
             "abstentions": _abstentions(result.accepted), "samples_dropped": dropped,
             "samples_queried": int(asked.size), "samples_held": int(held.sum()),

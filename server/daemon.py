@@ -35,6 +35,7 @@ from common.atomic import atomic_write_json, atomic_write_text
 from common.certs import CertPaths, check_certificate
 from common.errors import ConfigError, MedkdError
 from common.policy import HOSPITAL_NAME
+from common.processes import StopRequested, become_subreaper, stop_on_signals, stop_tree
 
 logger = logging.getLogger(__name__)
 
@@ -207,12 +208,14 @@ def superlink_running(folder: Path) -> bool:
     return True
 
 
-def start_superlink(folder: Path, settings: ServerSettings, *, start_timeout_s: float = 60.0) -> int:
+def start_superlink(folder: Path, settings: ServerSettings, *, start_timeout_s: float = 60.0,
+                    stop_grace_s: float = 20.0) -> int:
     """Run the SuperLink in the foreground until it exits or this process gets SIGTERM/SIGINT; returns its status.
 
-    The SuperLink is a child process; SIGTERM or Ctrl-C here is passed on to it, and it is given 20 s to stop
-    cleanly (its database stays consistent) before it is killed. Hospitals' keys in ``DIR/hospital-keys`` are
-    registered as soon as it is up.
+    The SuperLink is a child process. SIGTERM or Ctrl-C here stops it and everything it started: it gets
+    SIGTERM and ``stop_grace_s`` seconds to stop cleanly (its database stays consistent); its SuperExec and
+    ServerApp processes still running after that are ended and logged (:func:`common.processes.stop_tree`),
+    and the exit status is 0. Hospitals' keys in ``DIR/hospital-keys`` are registered as soon as it is up.
     """
     folder = Path(folder).resolve()
     folder.mkdir(parents=True, exist_ok=True)
@@ -221,34 +224,29 @@ def start_superlink(folder: Path, settings: ServerSettings, *, start_timeout_s: 
     argv = superlink_command(folder, settings)
     if settings.insecure:
         logger.warning("%s", INSECURE_WARNING)
-    proc = subprocess.Popen(argv, env=flwr_env(folder), cwd=folder)
-    atomic_write_text(folder / PID_FILE, f"{proc.pid}\n")
-    stopping = {"signal": 0}
-
-    def forward(signum: int, _frame: object) -> None:
-        stopping["signal"] = signum
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    become_subreaper()  # a SuperExec or ServerApp orphaned by a stopped SuperLink stays in this process's tree
+    stopping: list[int] = []
+    stop_on_signals(stopping)
+    proc: subprocess.Popen[bytes] | None = None
     try:
+        proc = subprocess.Popen(argv, env=flwr_env(folder), cwd=folder)
+        atomic_write_text(folder / PID_FILE, f"{proc.pid}\n")
         wait_for_port(settings.port, timeout_s=start_timeout_s, proc=proc)
         logger.info("SuperLink up on %s:%d (TLS %s, node authentication on, state in %s)", settings.host,
                     settings.port, "off" if settings.insecure else "on", folder / DATABASE)
         for name, node in register_keys(folder).items():
             logger.info("hospital %s may join (node %d)", name, node)
-        return proc.wait()  # a signal runs `forward`, then the wait goes on until the SuperLink has stopped
+        code = proc.wait()
+        logger.error("the SuperLink exited by itself (status %d); see %s", code, folder / LOG_FILE)
+        return code if code >= 0 else 128 - code
+    except StopRequested:
+        ended = stop_tree(proc, grace_s=stop_grace_s, adopted=True) if proc is not None else []
+        logger.info("SuperLink stopped (%s)%s; nothing of it is left running; state kept in %s. Start it again "
+                    "with `medkd server start %s`; a study that was running resumes after its last checkpointed "
+                    "round when its `medkd server run` command is run again", signal.Signals(stopping[0]).name,
+                    f", {len(ended)} leftover process(es) ended" if ended else "", folder / DATABASE, folder)
+        return 0
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None and not stopping:  # an error, or the SuperLink exited: nothing of it stays behind
+            stop_tree(proc, grace_s=stop_grace_s, adopted=True)
         (folder / PID_FILE).unlink(missing_ok=True)
-        if stopping["signal"]:
-            logger.info("SuperLink stopped (state kept in %s); start it again with `medkd server start %s`",
-                        folder / DATABASE, folder)
-

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common.processes import command_line, descendants, stop_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,88 +29,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def descendants(pid: int) -> list[int]:
-    """PIDs of every live descendant of ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def clientapp_pids(pid: int, *, timeout_s: float = 120) -> list[int]:
     """PIDs of the ClientApp processes under SuperNode ``pid`` (one per message being answered), once there are some."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = []
         for child in descendants(pid):
-            try:
-                if b"flwr-clientapp" in Path(f"/proc/{child}/cmdline").read_bytes():
-                    found.append(child)
-            except OSError:
-                continue
+            if "flwr-clientapp" in command_line(child):
+                found.append(child)
         if found:
             return found
         time.sleep(0.1)
     raise RuntimeError(f"no ClientApp process appeared under SuperNode {pid} within {timeout_s:.0f} s")
-
-
-def crash(pid: int) -> None:
-    """SIGKILL ``pid`` and all its descendants at once (a machine losing power), then wait until they are gone."""
-    tree = [pid, *descendants(pid)]
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(alive(p) for p in tree):
-        time.sleep(0.1)
-
-
-def signal_tree(pid: int, sig: int) -> None:
-    """Send ``sig`` (e.g. SIGSTOP/SIGCONT) to ``pid`` and all its descendants."""
-    for p in [pid, *descendants(pid)]:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop(pid: int, *, sig: int = signal.SIGTERM, timeout_s: float = 20.0) -> None:
-    """Send ``sig`` to ``pid`` and wait for it and its descendants; SIGKILL whatever is left after ``timeout_s``."""
-    tree = [pid, *descendants(pid)]
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(alive(p) for p in tree):
-        time.sleep(0.2)
-    for p in tree:
-        if alive(p):
-            try:
-                os.kill(p, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # every round queries every hospital (the tiny config's proxy set is covered after two rounds, after which a
@@ -223,8 +154,7 @@ class Deployment:
         for name in ["study", *hospitals, "coordinator"]:
             if name not in self.processes:
                 continue
-            stop(self.processes[name].pid)
-            self.processes[name].wait(timeout=30)
+            stop_tree(self.processes[name])
 
 
 def _ok(done: subprocess.CompletedProcess[str]) -> None:

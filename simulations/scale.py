@@ -31,31 +31,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.processes import tree_rss_bytes
+
 MIN_SAMPLES = 12  # private images per hospital at the smallest
-
-
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of process ``root`` and all its descendants (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            statm = (entry / "statm").read_text().split()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-        rss[int(entry.name)] = int(statm[1]) * page
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
 
 
 def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Path, in_flight: int) -> None:
@@ -109,7 +87,7 @@ def measure(hospitals: int, *, rounds: int, data: Path, workdir: Path, in_flight
 
     def sample() -> None:
         while child.poll() is None:
-            peak["bytes"] = max(peak["bytes"], tree_rss_bytes(child.pid))
+            peak["bytes"] = max(peak["bytes"], tree_rss_bytes([child.pid]))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -16,8 +16,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
+
+from common.processes import stop_tree
 
 CHILD_ENV = "MEDKD_SIMULATE_CHILD"
 _NOISE = re.compile(r"alembic|DEPRECATED|deprecated|run_simulation|ray\.init|Ray |raylet|Started a local Ray|"
@@ -27,30 +28,6 @@ _NOISE = re.compile(r"alembic|DEPRECATED|deprecated|run_simulation|ray\.init|Ray
 
 def is_child() -> bool:
     return os.environ.get(CHILD_ENV) == "1"
-
-
-def _descendants(pid: int) -> list[int]:
-    from simulations.loopback import descendants
-
-    return descendants(pid)
-
-
-def _stop_tree(root: int, *, grace_s: float) -> None:
-    tree = [root, *_descendants(root)]
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in tree):
-        tree = [p for p in tree if Path(f"/proc/{p}").exists()] + [q for p in tree for q in _descendants(p)]
-        time.sleep(0.2)
-    for pid in tree:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def supervise(argv: list[str], *, out_dir: Path, verbose: bool, grace_s: float = 10.0) -> int:
@@ -66,7 +43,7 @@ def supervise(argv: list[str], *, out_dir: Path, verbose: bool, grace_s: float =
     def stop(signum: int, _frame: object) -> None:
         if not stopped:
             stopped.append(signum)
-            _stop_tree(proc.pid, grace_s=grace_s)
+            stop_tree(proc.pid, whole_tree=True, grace_s=grace_s)  # a PID: the main thread is in proc.wait()
 
     def pass_through() -> None:
         for line in proc.stdout or ():
@@ -84,7 +61,7 @@ def supervise(argv: list[str], *, out_dir: Path, verbose: bool, grace_s: float =
         for s, handler in previous.items():
             signal.signal(s, handler)
     if stopped:
-        _stop_tree(proc.pid, grace_s=0.0)  # nothing of the simulation stays behind
+        stop_tree(proc.pid, whole_tree=True, grace_s=0.0)  # nothing of the simulation stays behind
         print(f"medkd simulate stopped ({signal.Signals(stopped[0]).name}); {_checkpoint_note(out_dir)}",
               file=sys.stderr)
         return 128 + stopped[0]

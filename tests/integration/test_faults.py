@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from simulations.loopback import Deployment, clientapp_pids, crash, outbound
+from common.processes import alive, crash, describe, descendants, processes_in_folder
+from simulations.loopback import Deployment, clientapp_pids, outbound
 
 pytestmark = pytest.mark.slow
 
@@ -138,3 +139,36 @@ def test_garbage_reply_rejected_and_named(deployment: Deployment, teachers: dict
         assert r["replies_ok"] == 2 and list(r["rejected"]) == ["H2"]
         assert "NaN" in r["rejected"]["H2"]
     assert "hospital H2 reply rejected: outputs" in done.stdout
+
+
+def _stop_cleanly(dep: Deployment, name: str, folder: Path, *, exclude: set[int]) -> None:
+    """SIGTERM daemon ``name``: it exits 0, and within 5 s nothing it started (or that runs in ``folder``) is left."""
+    proc = dep.processes[name]
+    tree = {proc.pid, *descendants(proc.pid)}
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0, dep.output(name)[-3000:]
+    deadline = time.monotonic() + 5
+    while (left := {p for p in tree if alive(p)} | set(processes_in_folder(folder)) - exclude) \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [describe(p) for p in left]
+    assert "nothing of it is left running" in dep.output(name), dep.output(name)[-2000:]
+
+
+def test_sigterm_stops_each_daemon_and_everything_it_started(deployment: Deployment, teachers: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    dep = deployment
+    dep.federation(teachers=teachers)
+    out = tmp_path / "study"
+    study = dep.spawn_study(out, "rounds=4", "federation.reply_timeout_s=60")
+    dep.wait_for("study", "round 2/4: querying")
+    clientapp_pids(dep.processes["H0"].pid)  # H0 is answering round 2: a ClientApp runs under its SuperNode
+    _stop_cleanly(dep, "H0", tmp_path / "H0", exclude=set())
+    study_tree = {study.pid, *descendants(study.pid)}  # `server run` runs in the coordinator's folder too
+    _stop_cleanly(dep, "coordinator", tmp_path / "coordinator", exclude=study_tree)  # its ServerApp mid-round
+    for name in ("H1", "H2"):
+        _stop_cleanly(dep, name, tmp_path / name, exclude=set())
+    assert study.wait(timeout=60) != 0  # the study did not finish; the command says how to resume
+    assert "run the same command to resume" in dep.output("study"), dep.output("study")[-2000:]
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)  # intact and readable
+    assert saved["state"]["round"] == dep.metrics(out)["rounds"][-1]["round"] >= 1

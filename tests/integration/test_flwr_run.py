@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from common.processes import processes_mentioning, stop_tree
 from simulations.cli import main
 
 pytestmark = pytest.mark.slow
@@ -33,20 +32,6 @@ def _port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _processes_mentioning(text: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(entry.name) != os.getpid():
-            pids.append(int(entry.name))
-    return pids
-
-
 @pytest.fixture
 def flwr_env(tmp_path: Path):
     """Environment for `flwr run` with its own FLWR_HOME; stops the local SuperLink it starts, by PID."""
@@ -57,20 +42,8 @@ def flwr_env(tmp_path: Path):
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "MEDKD_HOSPITALS": str(tmp_path / "hospitals")}
     yield env
-    pids = _processes_mentioning(str(home))
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    for pid in processes_mentioning(str(home)):  # the local SuperLink `flwr run` started, and its children
+        stop_tree(pid, whole_tree=True, grace_s=15.0)
 
 
 def _flwr_run(env: dict[str, str], *, overrides: str, out: Path) -> subprocess.CompletedProcess[str]:

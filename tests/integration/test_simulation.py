@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from common.processes import alive, describe, descendants
 from simulations.run import simulate
 
 pytestmark = pytest.mark.slow
@@ -142,3 +148,34 @@ def test_label_counts_leave_only_where_the_policy_allows(tiny_config, tmp_path: 
         [entry] = [json.loads(x) for x in (out / "hospitals" / h / "outbound.jsonl").read_text().splitlines()]
         assert entry.get("label_counts_released", False) is released
         assert ("label_counts" in entry["fields"]) is released
+
+
+def test_sigterm_stops_a_console_simulation_cleanly(medmnist_dir: Path, tmp_path: Path) -> None:
+    """`medkd simulate` from the console, SIGTERM after round 1: no process left, checkpoint intact, resume hint."""
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sim"
+    log = tmp_path / "simulate.out"
+    with log.open("wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "simulations.cli", "simulate", "--config",
+                                 str(repo / "configs" / "tiny.yaml"), "--set", f"data.data_dir={medmnist_dir}",
+                                 "rounds=5", "--out", str(out)], cwd=repo, stdout=handle,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(repo)},
+                                start_new_session=True)
+    seen: set[int] = set()  # every process of the simulation (Ray's included), seen while it runs
+    deadline = time.monotonic() + 900
+    while not (out / "checkpoint.pt").exists():
+        seen.update(descendants(proc.pid))
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+    seen.update(descendants(proc.pid))
+    assert len(seen) > 3  # the simulation child and Ray's processes
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 5
+    while (left := [p for p in seen if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, [describe(p) for p in left]
+    text = log.read_text()
+    assert "medkd simulate stopped (SIGTERM)" in text and "resume with the same command" in text, text[-2000:]
+    saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)  # intact and readable
+    assert saved["state"]["round"] >= 1 and f"after round {saved['state']['round']} is intact" in text
