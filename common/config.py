@@ -98,8 +98,7 @@ class TeacherConfig:
     model: str = documented("smallcnn", doc="default teacher architecture (smallcnn|densenet121|resnet18|resnet34|resnet50)")
     per_hospital: dict[str, str] = documented({}, doc="teacher architecture per hospital index, e.g. {'0': resnet18}")
     epochs: int = documented(40, ge=1, doc="maximum local training epochs")
-    patience: int = documented(8, ge=0, doc="early stopping patience in epochs (local validation AUC); 0 = no "
-                                "early stopping: every epoch runs and the last weights are kept")
+    patience: int = documented(8, ge=0, doc="early stopping patience (epochs, local val AUC); 0: none, last weights kept")
     batch_size: int = documented(32, ge=1, doc="local training batch size")
     lr: float = documented(1e-3, gt=0.0, doc="Adam learning rate")
     weight_decay: float = documented(1e-4, ge=0.0, doc="Adam weight decay")

@@ -24,7 +24,7 @@ import json
 import sys
 from pathlib import Path
 
-from common.errors import MedkdError
+from simulations.exits import guarded
 
 
 def _k_grid(text: str) -> tuple[tuple[int, int], ...]:
@@ -183,14 +183,5 @@ def main(argv: list[str], *, prog: str = "medkd audit") -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "verify":
-            return cmd_verify(args)
-        if args.command == "report":
-            return cmd_report(args)
-        if args.command == "canary":
-            return cmd_canary(args)
-        return cmd_rotate(args)
-    except MedkdError as e:
-        print(f"medkd: error: {e}", file=sys.stderr)
-        return 1
+    commands = {"verify": cmd_verify, "report": cmd_report, "canary": cmd_canary}
+    return guarded(lambda: commands.get(args.command, cmd_rotate)(args), config_exit=None)

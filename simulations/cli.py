@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ExperimentConfig, Method, load_config, parse_overrides
-from common.errors import ConfigError, MedkdError
+from simulations.exits import guarded
 
 logger = logging.getLogger("medkd")
 
@@ -200,18 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
         args.supervised = from_console and not is_child()
         args.raw_argv = argv[1:]
-    try:
-        if args.command == "simulate":
-            return cmd_simulate(args)
-        if args.command == "policies":
-            return cmd_policies(args)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
+    commands = {"simulate": cmd_simulate, "policies": cmd_policies}
+    if args.command not in commands:
         return 2
-    except MedkdError as e:
-        print(f"medkd: error: {e}", file=sys.stderr)
-        return 1
-    return 2
+    return guarded(lambda: commands[args.command](args))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.errors import ConfigError, MedkdError
+from simulations.exits import guarded
 
 logger = logging.getLogger("medkd")
 
@@ -189,15 +189,5 @@ def cmd_server(args: argparse.Namespace) -> int:
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _setup_logging()
-    try:
-        if args.command == "certs":
-            return cmd_certs(args)
-        if args.command == "client":
-            return cmd_client(args)
-        return cmd_server(args)
-    except ConfigError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except MedkdError as e:
-        print(f"medkd: error: {e}", file=sys.stderr)
-        return 1
+    commands = {"certs": cmd_certs, "client": cmd_client}
+    return guarded(lambda: commands.get(args.command, cmd_server)(args))
