@@ -48,9 +48,10 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
     mechanism the reply carries no local validation figure and announces ``privacy.declared_size`` as its size.
     ``split`` replaces the policy's data only for the canary audit (client/canary.py: the private set plus canaries).
     """
-    from client.serve import teacher_outputs
+    from client.serve import outputs_from_logits, teacher_outputs
     from client.teacher import load_or_train_teacher
     from common.split import make_split
+    from common.training import predict_logits
 
     split = split or make_split(hospital.cfg)
     proxy = split.proxy
@@ -81,9 +82,11 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
 
     selector = load_or_train_selector(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                       hospital_dir=hospital.folder, teacher=teacher)
-    outputs = teacher_outputs(teacher, images, output=query.output, temperature=query.temperature,
-                              amp=hospital.cfg.amp, bias=selector.bias if selector else None)
-    mask, density = selection(selector, teacher, images, amp=hospital.cfg.amp) if selector else (None, None)
+    logits = predict_logits(teacher, images, amp=hospital.cfg.amp)  # the teacher runs once per answer
+    outputs = outputs_from_logits(logits, output=query.output, temperature=query.temperature,
+                                  bias=selector.bias if selector else None)
+    mask, density = (selection(selector, teacher, images, amp=hospital.cfg.amp, teacher_logits=logits)
+                     if selector else (None, None))
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
                                  privacy=label, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
                                  density=density, label_counts=_label_counts(query, hospital, split),

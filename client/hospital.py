@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,22 +120,51 @@ def load_hospital(policy_path: Path) -> Hospital:
     return hospital
 
 
+@dataclass
+class _LogTally:
+    """What has been read of one outbound log: its identity, how far, and the sent indices per run."""
+
+    inode: int
+    offset: int
+    per_run: dict[int, int]
+
+
+_TALLIES: dict[Path, _LogTally] = {}
+_TALLIES_LOCK = threading.Lock()
+
+
 def released_indices(folder: Path, *, run_id: int) -> int:
-    """Proxy samples this hospital has released in run ``run_id``, counted from its own outbound log."""
+    """Proxy samples this hospital has released in run ``run_id``, counted from its own outbound log.
+
+    The log only grows (whole lines, appended by the gate), so each process
+    reads each byte of it once: later calls read only what was appended since
+    (a log that was replaced or truncated is read again from its start). A
+    query costs the new lines, not the log's whole history.
+    """
     path = folder / OUTBOUND_LOG
-    total = 0
     try:
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if entry.get("run_id") == run_id and entry.get("status") == "sent":
-                    total += int(entry.get("n_indices", 0))
+        f = path.open("rb")
     except FileNotFoundError:
         return 0
-    return total
+    with _TALLIES_LOCK, f:
+        stat = os.fstat(f.fileno())
+        tally = _TALLIES.get(path)
+        if tally is None or tally.inode != stat.st_ino or stat.st_size < tally.offset:
+            tally = _TALLIES[path] = _LogTally(inode=stat.st_ino, offset=0, per_run={})
+        f.seek(tally.offset)
+        chunk = f.read(stat.st_size - tally.offset)
+        end = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+        for line in chunk[:end].splitlines():
+            try:
+                entry = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(entry, dict) and entry.get("status") == "sent":
+                run = entry.get("run_id")
+                if isinstance(run, int):
+                    tally.per_run[run] = tally.per_run.get(run, 0) + int(entry.get("n_indices", 0))
+        tally.offset += end
+        return tally.per_run.get(run_id, 0)
 
 
 def check_query(query: Query, policy: HospitalPolicy, *, released: int) -> None:

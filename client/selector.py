@@ -192,13 +192,22 @@ def train_selector(cfg: ExperimentConfig, split: FederatedSplit, hospital: int,
     return Selector(info=info, model=model)
 
 
-def selection(selector: Selector, teacher: nn.Module, images: torch.Tensor, *,
-              amp: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-    """(mask (N,) bool: answer here, density ratios (N,) float32 or None) for proxy ``images``."""
+def selection(selector: Selector, teacher: nn.Module | None, images: torch.Tensor, *, amp: bool = False,
+              teacher_logits: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mask (N,) bool: answer here, density ratios (N,) float32 or None) for proxy ``images``.
+
+    ``max_softmax`` scores the teacher's own (uncalibrated) logits: pass them as ``teacher_logits`` when the
+    caller already has them, so that an answer runs the teacher once; ``density_ratio`` runs its own classifier.
+    """
     if selector.model is not None:
         log_ratio = _log_ratio(selector.model, images, selector.info.temperature, amp)
         return log_ratio >= selector.info.threshold, np.exp(log_ratio).astype(np.float32)
-    return _max_softmax(teacher, images, amp) >= selector.info.threshold, None
+    if teacher_logits is None:
+        if teacher is None:
+            raise ValueError("a max_softmax selector needs the teacher or its logits")
+        teacher_logits = predict_logits(teacher, images, amp=amp)
+    confidence = torch.softmax(teacher_logits.float(), dim=1).max(dim=1).values.numpy()
+    return confidence >= selector.info.threshold, None
 
 
 _CACHE: dict[tuple[str, str, str], Selector] = {}

@@ -14,15 +14,27 @@ def teacher_outputs(model: nn.Module, images: torch.Tensor, *, output: OutputKin
                     amp: bool = False, bias: np.ndarray | None = None) -> np.ndarray:
     """Outputs of ``model`` on proxy images (N, C, *spatial) -> (N, n_classes) float32.
 
-    Runs on the model's device (bf16 autocast on CUDA when ``amp``; the
-    softmax is taken in float32). ``probs`` is softmax(logits / temperature);
-    ``logits`` are sent raw (the server applies the temperature).
+    Runs on the model's device (bf16 autocast on CUDA when ``amp``); see :func:`outputs_from_logits`.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = predict_logits(model, images, amp=amp)
-    if bias is not None:  # the hospital's calibration of its teacher (client/selector.output_bias)
+    return outputs_from_logits(predict_logits(model, images, amp=amp), output=output, temperature=temperature,
+                               bias=bias)
+
+
+def outputs_from_logits(logits: torch.Tensor, *, output: OutputKind, temperature: float,
+                        bias: np.ndarray | None = None) -> np.ndarray:
+    """What leaves for teacher ``logits`` (N, n_classes) on the host: float32 probabilities or logits.
+
+    ``probs`` is softmax(logits / temperature), taken in float32; ``logits``
+    are sent raw (the server applies the temperature). ``bias`` is the
+    hospital's calibration of its teacher (client/selector.output_bias).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = logits.float()
+    if bias is not None:
         logits = logits + torch.as_tensor(bias, dtype=logits.dtype)
     if output == OutputKind.PROBS:
-        return torch.softmax(logits / temperature, dim=1).numpy().astype(np.float32)
-    return logits.numpy().astype(np.float32)
+        return torch.softmax(logits / temperature, dim=1).numpy().astype(np.float32, copy=False)
+    return logits.numpy().astype(np.float32, copy=False)

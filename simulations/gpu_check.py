@@ -6,8 +6,12 @@ Figures (images per second unless stated):
 
 - ``serving``: proxy images through a hospital's whole outbound path
   (query parse, policy check, teacher, reply packing, gate: hash, log,
-  copy) against the raw teacher forward pass on the same batch, and their
-  ratio;
+  copy) against the raw teacher forward pass on the same batch, their
+  ratio and the path's fixed cost in ms per query; a third row adds the
+  default ``density_ratio`` selector, whose classifier is a second forward
+  pass on the raw side too;
+- ``serving_parts``: the host-side parts of that path in ms per query
+  (parse, policy, pack, gate), without any network;
 - ``distill``: student distillation throughput (smallcnn, KD loss, one epoch);
 - ``forward``: raw inference of DenseNet121 and ResNet-18 at 28, 64 and 224 px,
   fp32 and bf16 (``channels_last``, ``inference_mode``);
@@ -97,25 +101,33 @@ def _request(content: Any, *, message_type: str) -> Any:
 
 
 def serving_figures(device: torch.device, workdir: Path, *, model: str, n: int, card: str,
-                    quick: bool) -> dict[str, Any]:
-    """A hospital's whole outbound path on ``n`` proxy images against the raw teacher forward pass."""
+                    quick: bool, selector: str = "none") -> dict[str, Any]:
+    """A hospital's whole outbound path on ``n`` proxy images against the raw forward pass(es) it must run.
+
+    With ``selector`` none (the issue's figure) the raw side is the teacher's forward pass alone. With
+    ``density_ratio`` the hospital also runs its selector's classifier on the same images, by design, so the raw
+    side is both forward passes; ``max_softmax`` reuses the teacher's logits and adds no forward pass.
+    """
     from flwr.app import Context, RecordDict
 
     from client.app import make_client_app
     from client.teacher import load_or_train_teacher
-    from common.config import OutputKind, PolicyLimits, TeacherConfig, WireDtype
+    from client.selector import load_or_train_selector
+    from common.config import OutputKind, PolicyLimits, SelectorConfig, TeacherConfig, WireDtype
     from common.device import autocast
+    from common.names import SelectorKind
     from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content
     from common.policy import HospitalPolicy, PolicyData, hospital_experiment, write_policy
     from common.split import make_split
     from simulations.synthetic import random_dataset
 
-    folder = workdir / f"serve-{model}"
+    folder = workdir / f"serve-{model}-{selector}"
     data = random_dataset(workdir / f"serve-{n}.npz", n_train=int(n / 0.8) + 4000, size=28, channels=3)
     policy = HospitalPolicy(hospital="H0", device=str(device), amp=True,
                             data=PolicyData(dataset=str(data), proxy_fraction=0.8, download=False),
                             teacher=TeacherConfig(model=model, epochs=1, patience=1, batch_size=256),
-                            limits=PolicyLimits(max_indices_per_query=n, max_indices_per_run=10**9))
+                            limits=PolicyLimits(max_indices_per_query=n, max_indices_per_run=10**9),
+                            selector=SelectorConfig(kind=SelectorKind(selector), epochs=2 if quick else 20))
     write_policy(folder / "policy.yaml", policy)
     cfg = hospital_experiment(policy)
     split = make_split(cfg)
@@ -138,17 +150,79 @@ def serving_figures(device: torch.device, workdir: Path, *, model: str, n: int, 
 
     path_s = timed(serve, device=device, min_seconds=0.5 if quick else 2.0, warmup=1, max_iters=20)
     teacher, _ = load_or_train_teacher(cfg=cfg, split=split, hospital=0, hospital_dir=folder)
+    chosen = load_or_train_selector(cfg=cfg, split=split, hospital=0, hospital_dir=folder, teacher=teacher)
+    networks = [teacher] + ([chosen.model] if chosen is not None and chosen.model is not None else [])
     x = split.proxy_on(device).take(query.indices)
+    step = 4096 if device.type == "cuda" else 256
 
     def forward() -> None:
         with torch.inference_mode(), autocast(device, amp=True):
-            for i in range(0, n, 4096 if device.type == "cuda" else 256):
-                teacher(x[i:i + (4096 if device.type == "cuda" else 256)])
+            for i in range(0, n, step):
+                for net in networks:
+                    net(x[i:i + step])
 
     raw_s = timed(forward, device=device, min_seconds=0.5 if quick else 2.0, warmup=1)
-    return {"card": card, "teacher": model, "px": 28, "batch": n, "first_query_s_incl_training": round(train_s, 2),
+    return {"card": card, "teacher": model, "selector": selector, "raw_forward_passes": len(networks), "px": 28,
+            "batch": n, "first_query_s_incl_training": round(train_s, 2),
             "path_images_per_s": round(n / path_s, 1), "raw_forward_images_per_s": round(n / raw_s, 1),
-            "ratio_path_over_raw": round(raw_s / path_s, 3)}
+            "ratio_path_over_raw": round(raw_s / path_s, 3),
+            "path_overhead_ms_per_query": round(1000 * (path_s - raw_s), 1)}
+
+
+def serving_part_figures(workdir: Path, *, n: int, card: str) -> dict[str, Any]:
+    """Host-side parts of one ``n``-index answer, in ms (median of 5): what the serving path adds to the teacher.
+
+    parse (contract checks), policy (limits, released count), pack (reply
+    records) and gate (audit and outbound logs with fsync, serialisation,
+    SHA-256, the copy decoded from the wire bytes), on a packed reply of
+    random probabilities: no network runs here, so the figures are the
+    fixed cost a GPU's forward pass must hide.
+    """
+    from flwr.app import Message
+
+    from client.app import hospital_gate
+    from client.hospital import check_query, load_hospital, released_indices
+    from common.config import OutputKind, PolicyLimits, WireDtype
+    from common.payload import QUERY_MESSAGE_TYPE, Query, make_query_content, make_reply_content, parse_query
+    from common.policy import HospitalPolicy, PolicyData, write_policy
+    from common.split import make_split
+    from simulations.synthetic import random_dataset
+
+    data = random_dataset(workdir / f"parts-{n}.npz", n_train=int(n / 0.8) + 400, size=28, channels=3)
+    policy_path = workdir / "parts" / "policy.yaml"
+    write_policy(policy_path, HospitalPolicy(hospital="H0", device="cpu", data=PolicyData(
+        dataset=str(data), proxy_fraction=0.8, download=False), limits=PolicyLimits(
+        max_indices_per_query=n, max_indices_per_run=10**9)))
+    hospital = load_hospital(policy_path)
+    split = make_split(hospital.cfg)
+    content = make_query_content(Query(round=1, proxy_hash=split.proxy_hash, indices=np.arange(n), temperature=2.0,
+                                       output=OutputKind.PROBS, dtype=WireDtype.FLOAT16))
+    probs = torch.softmax(torch.randn(n, split.data.n_classes, generator=torch.Generator().manual_seed(0)), 1).numpy()
+    parts: dict[str, list[float]] = {"parse": [], "policy": [], "pack": [], "gate": []}
+
+    def answer(msg: Message) -> Message:
+        t0 = time.perf_counter()
+        query = parse_query(msg.content, proxy_size=split.proxy.labels.shape[0], proxy_hash=split.proxy_hash)
+        t1 = time.perf_counter()
+        check_query(query, hospital.policy, released=released_indices(hospital.folder, run_id=1))
+        t2 = time.perf_counter()
+        reply = make_reply_content(outputs=probs, dtype=query.dtype, hospital="H0", model="smallcnn",
+                                   privacy="none", num_private=1, val_auc=0.5, teacher_version="0" * 32)
+        parts["parse"].append(t1 - t0)
+        parts["policy"].append(t2 - t1)
+        parts["pack"].append(time.perf_counter() - t2)
+        return Message(reply, reply_to=msg)
+
+    for i in range(7):
+        start = time.perf_counter()
+        reply = hospital_gate(hospital, run_id=1).guard(_request(content, message_type=QUERY_MESSAGE_TYPE), answer)
+        if reply.has_error():
+            raise RuntimeError(f"serving parts check failed: {reply.error.reason}")
+        inner = parts["parse"][-1] + parts["policy"][-1] + parts["pack"][-1]
+        parts["gate"].append(time.perf_counter() - start - inner)
+    return {"card": card, "cpu": card_name(torch.device("cpu")), "batch": n,
+            **{f"{k}_ms": round(1000 * float(np.median(v[2:])), 2) for k, v in parts.items()},
+            "total_ms": round(1000 * float(sum(np.median(v[2:]) for v in parts.values())), 2)}
 
 
 def distill_figures(device: torch.device, *, n: int, card: str, quick: bool) -> list[dict[str, Any]]:
@@ -215,8 +289,10 @@ def run_checks(device_spec: str, *, quick: bool, only: list[str] | None = None) 
     doc: dict[str, Any] = {"card": card, "device": str(device), "torch": torch.__version__, "quick": quick}
     n = 2048 if quick else 65536
     sections: dict[str, Callable[[Path], object]] = {
-        "serving": lambda tmp: [serving_figures(device, tmp, model=m, n=n, card=card, quick=quick)
-                                for m in ("resnet18", "densenet121")],
+        "serving": lambda tmp: [serving_figures(device, tmp, model=m, n=n, card=card, quick=quick, selector=sel)
+                                for m, sel in (("resnet18", "none"), ("densenet121", "none"),
+                                               ("resnet18", "density_ratio"))],
+        "serving_parts": lambda tmp: serving_part_figures(tmp, n=n, card=card),
         "distill": lambda tmp: distill_figures(device, n=1024 if quick else 16384, card=card, quick=quick),
         "forward": lambda tmp: forward_figures(device, quick=quick, card=card),
         "teacher_epoch": lambda tmp: teacher_epoch_figures(device, quick=quick, card=card),
@@ -240,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:<i>")
     parser.add_argument("--quick", action="store_true", help="small sizes: check the script, not the card")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    parser.add_argument("--only", nargs="+", default=None, choices=["serving", "distill", "forward", "teacher_epoch"],
+    parser.add_argument("--only", nargs="+", default=None, choices=["serving", "serving_parts", "distill", "forward",
+                                                                    "teacher_epoch"],
                         help="run only these sections")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

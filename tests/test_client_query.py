@@ -210,3 +210,23 @@ def test_each_hospital_may_use_its_own_teacher_architecture(hospital_app) -> Non
     reply = _call(app, make_query_content(_query(split.proxy_hash)), partition=1)
     assert reply.content.config_records["hospital"]["model"] == "resnet18"
     assert tuple(reply.content.array_records["outputs"]["outputs"].shape) == (8, split.data.n_classes)
+
+
+def test_released_count_reads_only_what_was_appended_and_survives_a_replaced_log(tmp_path: Path) -> None:
+    from client.hospital import released_indices
+
+    log = tmp_path / "outbound.jsonl"
+    sent = lambda run, n: json.dumps({"run_id": run, "status": "sent", "n_indices": n}) + "\n"  # noqa: E731
+    assert released_indices(tmp_path, run_id=1) == 0  # no log yet
+    log.write_text(sent(1, 5) + sent(2, 7) + json.dumps({"run_id": 1, "status": "refused", "n_indices": 9}) + "\n")
+    assert released_indices(tmp_path, run_id=1) == 5
+    with log.open("a") as f:  # one whole line and one still being written
+        f.write(sent(1, 3) + '{"run_id": 1, "status": "se')
+    assert released_indices(tmp_path, run_id=1) == 8
+    with log.open("a") as f:
+        f.write('nt", "n_indices": 4}\n')
+    assert released_indices(tmp_path, run_id=1) == 12 and released_indices(tmp_path, run_id=2) == 7
+    replacement = tmp_path / "new.jsonl"  # a log replaced by another file (new inode) is counted from its start
+    replacement.write_text(sent(1, 1))
+    replacement.replace(log)
+    assert released_indices(tmp_path, run_id=1) == 1 and released_indices(tmp_path, run_id=2) == 0
