@@ -57,8 +57,9 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=cfg.seed,
         class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ", amp=cfg.amp,
     )
-    validation = evaluate_model(student, *validation_tensors(cfg, split), amp=cfg.amp)
-    evaluation = evaluate_on_test(student, test_tensors(cfg, split), amp=cfg.amp)  # the test split, read once
+    validation = evaluate_model(student, *validation_tensors(cfg, split), amp=cfg.amp, tta=cfg.tta)
+    # the test split, read once
+    evaluation = evaluate_on_test(student, test_tensors(cfg, split), amp=cfg.amp, tta=cfg.tta)
     seconds = time.perf_counter() - start
     atomic_torch_save(out_dir / "student.pt", {"model": cfg.student.model, "state_dict": student.state_dict()})
     final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "val_auc": validation.auc,
@@ -82,14 +83,14 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
     for h in range(cfg.federation.hospitals):
         teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=h,
                                               hospital_dir=hospitals_dir / hospital_name(h))
-        validation = evaluate_model(teacher, *val, amp=cfg.amp)
+        validation = evaluate_model(teacher, *val, amp=cfg.amp, tta=cfg.tta)
         teachers.append(teacher)
         rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
                      "local_val_auc": info.val_auc, "val_auc": validation.auc, "val_score": score(validation)})
     best_index = max(range(len(rows)), key=lambda i: (rows[i]["val_score"], -i))
     test = test_tensors(cfg, split)  # every choice is made: read the test split, once
     for row, teacher in zip(rows, teachers):
-        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp)
+        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp, tta=cfg.tta)
         row.update(test_auc=evaluation.auc, test_acc=evaluation.acc)
         logger.info("local %s: val AUC %.4f, test AUC %.4f acc %.4f (%d private samples)", row["hospital"],
                     row["val_auc"], evaluation.auc, evaluation.acc, row["num_private"])
