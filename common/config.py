@@ -83,6 +83,8 @@ class TeacherConfig:
     class_weighted: bool = documented(False, doc="inverse-frequency class weights in the teacher's loss (off: keeps "
                               "teacher probabilities calibrated to the hospital's own label mix, which "
                               "averages better across hospitals)")
+    ema_decay: float = documented(0.0, ge=0.0, lt=1.0, doc="validate and keep an exponential moving average of the "
+                                  "teacher's weights over every step (a snapshot ensemble); 0 = off")
     seed_offset: int = documented(0, ge=0, doc="added to the teacher's initialisation and shuffling seed (robustness "
                                   "checks: the same split, differently initialised teachers)")
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from common.device import autocast, place_batch
 from common.metrics import EvalResult, classification_metrics
@@ -169,8 +170,13 @@ class SupervisedResult:
 def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor,
                      val_images: torch.Tensor, val_labels: torch.Tensor, epochs: int, patience: int,
                      batch_size: int, lr: float, weight_decay: float, augment: bool, seed: int,
-                     class_weighted: bool = False, log_prefix: str = "", amp: bool = False) -> SupervisedResult:
+                     class_weighted: bool = False, log_prefix: str = "", amp: bool = False,
+                     ema_decay: float = 0.0) -> SupervisedResult:
     """Cross-entropy training with early stopping on validation AUC; keeps the best weights.
+
+    With ``ema_decay`` > 0 the weights that are validated, kept and returned are an exponential
+    moving average of the trained ones over every step (torch's ``AveragedModel``; batch-norm
+    statistics averaged too).
 
     Trains on the device ``model`` is on (place it first, see
     :func:`common.device.place_model`). With ``class_weighted``, the loss
@@ -189,24 +195,30 @@ def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labe
         weight = weight.to(train_labels.device)
     best_score, best_state, best_epoch, since_best = -math.inf, None, 0, 0
     best_val: EvalResult | None = None
+    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+               if ema_decay > 0 else None)
+    kept = model if average is None else average.module  # what is validated and returned
     epoch = 0
     for epoch in range(1, epochs + 1):
         loss = run_epoch(
             model=model, optimizer=optimizer, images=train_images, batch_size=batch_size, gen=gen, augment=augment,
             loss_fn=lambda logits, idx: F.cross_entropy(logits.float(), train_labels[idx], weight=weight), amp=amp,
+            after_step=None if average is None else (lambda: average.update_parameters(model)),
         )
-        val = evaluate_model(model, val_images, val_labels, amp=amp)
+        val = evaluate_model(kept, val_images, val_labels, amp=amp)
         score = val.auc if not math.isnan(val.auc) else val.acc
         logger.debug("%sepoch %d loss %.4f val auc %.4f acc %.4f", log_prefix, epoch, loss, val.auc, val.acc)
         if patience == 0:  # no early stopping: the last epoch's weights are the result
             best_epoch, best_val = epoch, val
         elif score > best_score:
             best_score, best_epoch, since_best, best_val = score, epoch, 0, val
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(kept.state_dict())
         else:
             since_best += 1
             if since_best >= patience:
                 break
+    if best_state is None and average is not None:
+        best_state = average.module.state_dict()  # no early stopping: the last average
     if best_state is not None:
         model.load_state_dict(best_state)
     if best_val is None:

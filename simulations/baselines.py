@@ -55,6 +55,7 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
         patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=cfg.seed,
         class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ", amp=cfg.amp,
+        ema_decay=cfg.teacher.ema_decay,
     )
     validation = evaluate_model(student, *validation_tensors(cfg, split), amp=cfg.amp, tta=cfg.tta)
     # the test split, read once

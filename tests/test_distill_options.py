@@ -125,3 +125,27 @@ def test_cosine_schedule_decays_from_lr_to_zero_over_the_run() -> None:
 def test_recipe_options_are_validated(key: str, value: object) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         build_config({}, overrides={key: value})
+
+
+def _supervised(ema_decay: float) -> dict[str, torch.Tensor]:
+    from common.models import ModelSpec, build_model
+    from common.training import train_supervised
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    images = torch.rand(40, 1, 28, 28, generator=gen) + labels.view(-1, 1, 1, 1) / 4
+    torch.manual_seed(1)
+    model = build_model("smallcnn", ModelSpec(spatial_dims=2, in_channels=1, n_classes=3, spatial_size=28))
+    train_supervised(model=model, train_images=images[:32], train_labels=labels[:32], val_images=images[32:],
+                     val_labels=labels[32:], epochs=2, patience=0, batch_size=8, lr=1e-2, weight_decay=0.0,
+                     augment=False, seed=2, ema_decay=ema_decay)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_teacher_ema_keeps_the_average_not_the_last_weights() -> None:
+    plain, tiny, averaged = _supervised(0.0), _supervised(1e-12), _supervised(0.9)
+    for key, value in plain.items():
+        if value.is_floating_point():  # decay ~0: the average is the last step's weights
+            torch.testing.assert_close(tiny[key], value, rtol=1e-5, atol=1e-6)
+    weight = next(k for k in plain if k.endswith("weight"))
+    assert not torch.allclose(averaged[weight], plain[weight])
