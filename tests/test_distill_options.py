@@ -149,3 +149,23 @@ def test_teacher_ema_keeps_the_average_not_the_last_weights() -> None:
             torch.testing.assert_close(tiny[key], value, rtol=1e-5, atol=1e-6)
     weight = next(k for k in plain if k.endswith("weight"))
     assert not torch.allclose(averaged[weight], plain[weight])
+
+
+def test_a_resumed_weight_average_starts_from_the_last_snapshot(tiny_config, tmp_path) -> None:
+    from common.models import build_model
+    from common.split import make_split
+    from server.selection import RoundSelection
+
+    cfg = tiny_config(**{"distill.ema_decay": 0.9})
+    split = make_split(cfg)
+    selection = RoundSelection(tmp_path, cfg, split)
+    torch.manual_seed(0)
+    recorded = build_model("smallcnn", split.model_spec())
+    selection.record(3, recorded)
+    torch.manual_seed(1)
+    average = make_weight_average(build_model("smallcnn", split.model_spec()), cfg.distill)
+    assert average is not None and int(average.n_averaged) == 0
+    selection.restore(3, average)
+    assert int(average.n_averaged) == 1  # the next update averages into it instead of copying over it
+    for key, value in recorded.state_dict().items():
+        torch.testing.assert_close(average.module.state_dict()[key], value, rtol=0, atol=0)
