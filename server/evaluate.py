@@ -69,7 +69,10 @@ def test_tensors(cfg: ExperimentConfig, split: FederatedSplit) -> tuple[torch.Te
 
 def evaluate_on_test(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], *, amp: bool = False,
                      tta: bool = False) -> EvalResult:
-    """AUC / accuracy / per-class figures of ``model`` on the test split (on the model's device); flip TTA with ``tta``."""
+    """AUC / accuracy / per-class figures of ``model`` on the test split (on the model's device).
+
+    With ``tta``, the mean softmax over every flip of the spatial axes.
+    """
     return evaluate_model(model, *test, amp=amp, tta=tta)
 
 
