@@ -115,6 +115,7 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *
         patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=teacher_seed(cfg, hospital),
         class_weighted=cfg.teacher.class_weighted, log_prefix=f"{name} teacher ", amp=cfg.amp,
+        ema_decay=cfg.teacher.ema_decay,
     )
     info = TeacherInfo(
         hospital=name, model=model_name, num_private=int(labels.shape[0]), num_train=len(train_pos),

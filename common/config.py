@@ -24,40 +24,17 @@ from typing import Any
 import yaml
 
 from common.errors import ConfigError
-from common.names import (DEVICE_PATTERN, FAULT_NAMES, MODEL_NAMES, AggregatorName, Method,  # noqa: F401
-                          OutputKind, PartitionName, PateRelease, PrivacyMechanism, ProxySource, SelectorKind,
+from common.names import (DEVICE_PATTERN, FAULT_NAMES, MODEL_NAMES, AggregatorName, LrSchedule,  # noqa: F401
+                          Method, OutputKind, PartitionName, PateRelease, PrivacyMechanism, ProxySource, SelectorKind,
                           WireDtype)
 from common.schema import apply_overrides, build_dataclass, documented, parse_overrides, reference_rows, to_plain
 
 __all__ = [
-    "Method",
-    "AggregatorName",
-    "PartitionName",
-    "OutputKind",
-    "WireDtype",
-    "ProxySource",
-    "SelectorKind",
-    "SelectorConfig",
-    "DataConfig",
-    "FederationConfig",
-    "TeacherConfig",
-    "StudentConfig",
-    "DistillConfig",
-    "QueryConfig",
-    "FedAvgConfig",
-    "PolicyAnswers",
-    "PolicyOutputs",
-    "PolicyLimits",
-    "PolicyPrivacy",
-    "PolicyRules",
-    "PrivacyMechanism",
-    "PateRelease",
-    "ExperimentConfig",
-    "load_config",
-    "build_config",
-    "parse_overrides",
-    "config_to_dict",
-    "dump_config",
+    "Method", "AggregatorName", "PartitionName", "OutputKind", "WireDtype", "ProxySource", "SelectorKind",
+    "SelectorConfig", "DataConfig", "FederationConfig", "TeacherConfig", "StudentConfig", "DistillConfig",
+    "QueryConfig", "FedAvgConfig", "PolicyAnswers", "PolicyOutputs", "PolicyLimits", "PolicyPrivacy", "PolicyRules",
+    "PrivacyMechanism", "PateRelease", "ExperimentConfig", "load_config", "build_config", "parse_overrides",
+    "config_to_dict", "dump_config",
 ]
 
 @dataclass(frozen=True)
@@ -106,6 +83,8 @@ class TeacherConfig:
     class_weighted: bool = documented(False, doc="inverse-frequency class weights in the teacher's loss (off: keeps "
                               "teacher probabilities calibrated to the hospital's own label mix, which "
                               "averages better across hospitals)")
+    ema_decay: float = documented(0.0, ge=0.0, lt=1.0, doc="validate and keep an exponential moving average of the "
+                                  "teacher's weights over every step (a snapshot ensemble); 0 = off")
     seed_offset: int = documented(0, ge=0, doc="added to the teacher's initialisation and shuffling seed (robustness "
                                   "checks: the same split, differently initialised teachers)")
 
@@ -140,6 +119,12 @@ class DistillConfig:
     max_entropy: float = documented(1.0, gt=0.0, le=1.0, doc="drop proxy samples whose aggregated soft label has a "
                                     "normalised entropy above this (1 = keep all; Selective-FD's server selector)")
     augment: bool = documented(True, doc="random flips during distillation")
+    mixup_alpha: float = documented(0.0, ge=0.0, doc="mixup on proxy samples: mix pairs of images and their soft "
+                                    "labels with weight ~ Beta(a, a) (Zhang et al. 2018); 0 = off")
+    ema_decay: float = documented(0.0, ge=0.0, lt=1.0, doc="exponential moving average of the student's weights over "
+                                  "every distillation step, validated and snapshotted instead of the raw weights; 0 = off")
+    lr_schedule: LrSchedule = documented(LrSchedule.CONSTANT, doc="constant | cosine (decay from lr to 0 over "
+                                         "rounds x epochs, Loshchilov and Hutter 2017)")
 
 
 @dataclass(frozen=True)
@@ -231,6 +216,8 @@ class ExperimentConfig:
                                         "this many rounds (0 = run every round); the best round is kept either way")
     device: str = documented("auto", doc="where the student, evaluation and baselines run: auto (CUDA when present) "
                              "| cpu | cuda | cuda:<i>; each hospital's policy sets its teacher's")
+    tta: bool = documented(False, doc="flip test-time augmentation: every method's validation and test figures average "
+                           "the softmax over all flips of the spatial axes")
     amp: bool = documented(True, doc="bf16 autocast on CUDA (ignored on the CPU, where runs stay fp32 and deterministic)")
     data: DataConfig = field(default_factory=DataConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)

@@ -10,7 +10,7 @@ import re
 from enum import StrEnum
 
 __all__ = ["DEVICE_PATTERN", "MODEL_NAMES", "FAULT_NAMES", "Method", "AggregatorName", "SelectorKind",
-           "PartitionName", "OutputKind", "WireDtype", "ProxySource", "PrivacyMechanism", "PateRelease"]
+           "PartitionName", "OutputKind", "WireDtype", "ProxySource", "PrivacyMechanism", "PateRelease", "LrSchedule"]
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # checked here; resolved by common.device
 MODEL_NAMES = ("smallcnn", "densenet121", "resnet18", "resnet34", "resnet50")
@@ -44,6 +44,13 @@ class SelectorKind(StrEnum):
     NONE = "none"
     DENSITY_RATIO = "density_ratio"
     MAX_SOFTMAX = "max_softmax"
+
+
+class LrSchedule(StrEnum):
+    """The student's learning rate over a fedkd run's distillation epochs (server/distill.py)."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
 
 
 class PartitionName(StrEnum):

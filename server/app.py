@@ -41,7 +41,7 @@ from server.aggregate import aggregate_outputs, answered, normalised_entropy, pr
 from server.bank import teacher_changes, update_bank, with_held
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.collect import collect_replies
-from server.distill import distill_student
+from server.distill import distill_student, make_weight_average
 from server.evaluate import privacy_line, write_metrics
 from server.identity import node_identities
 from server.inflight import mark_inflight, torn_round
@@ -152,8 +152,11 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
     if state.history and (state.round >= cfg.rounds or state.history[-1].get("early_stop")):
         logger.info("all rounds already done in %s", out_dir)
         return _finish(out_dir, cfg, state, student, selection)
+    average = make_weight_average(student, cfg.distill)
     if state.round > 0:
         gen.manual_seed(cfg.seed * 100003 + state.round)
+        if average is not None:  # the last snapshot holds the average's weights
+            selection.restore(state.round, average)
 
     metered = MeteredGrid(grid)
     quorum = cfg.quorum()
@@ -204,8 +207,8 @@ def run_fedkd(grid: Grid, cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any
                 loss = distill_student(student=student, optimizer=optimizer, images=proxy_images[bank_pos],
                                        target_probs=state.bank_probs, cfg=cfg.distill, gen=gen,
                                        labels=proxy_labels[bank_pos] if cfg.data.proxy_labelled else None,
-                                       amp=cfg.amp)
-        validation = selection.record(rnd, student)
+                                       amp=cfg.amp, average=average, rnd=rnd, rounds=cfg.rounds)
+        validation = selection.record(rnd, student if average is None else average.module)
         seconds = time.perf_counter() - start
         state.round, state.cursor, state.seconds = rnd, cursor, state.seconds + seconds
         state.history.append({

@@ -67,9 +67,13 @@ def test_tensors(cfg: ExperimentConfig, split: FederatedSplit) -> tuple[torch.Te
     return tensors(split.data.test, spatial_dims=split.data.spatial_dims, limit=cfg.data.max_test_samples)
 
 
-def evaluate_on_test(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], *, amp: bool = False) -> EvalResult:
-    """AUC / accuracy / per-class figures of ``model`` on the test split (on the model's device)."""
-    return evaluate_model(model, *test, amp=amp)
+def evaluate_on_test(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor], *, amp: bool = False,
+                     tta: bool = False) -> EvalResult:
+    """AUC / accuracy / per-class figures of ``model`` on the test split (on the model's device).
+
+    With ``tta``, the mean softmax over every flip of the spatial axes.
+    """
+    return evaluate_model(model, *test, amp=amp, tta=tta)
 
 
 def write_metrics(out_dir: Path, *, cfg: ExperimentConfig, rounds: list[dict[str, Any]],

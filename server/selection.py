@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from common.atomic import atomic_torch_save
 from common.config import ExperimentConfig, ProxySource
@@ -77,9 +78,14 @@ class RoundSelection:
 
     def record(self, rnd: int, model: nn.Module) -> EvalResult:
         """Evaluate ``model`` on validation data and keep its weights as round ``rnd``'s snapshot."""
-        result = evaluate_model(model, *self.val, amp=self.cfg.amp)
+        result = evaluate_model(model, *self.val, amp=self.cfg.amp, tta=self.cfg.tta)
         atomic_torch_save(self.snapshot(rnd), state_dict_on_cpu(model))
         return result
+
+    def restore(self, rnd: int, average: AveragedModel) -> None:
+        """Resume a weight average from round ``rnd``'s snapshot (what :meth:`record` saved of it)."""
+        average.module.load_state_dict(torch.load(self.snapshot(rnd), map_location="cpu", weights_only=True))
+        average.n_averaged.fill_(1)
 
     @staticmethod
     def best_round(history: list[dict[str, Any]]) -> int:
@@ -109,10 +115,10 @@ class RoundSelection:
             path = self.snapshot(row["round"])
             if path.exists():
                 model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                result = evaluate_model(model, *test, amp=self.cfg.amp)
+                result = evaluate_model(model, *test, amp=self.cfg.amp, tta=self.cfg.tta)
                 row["test_auc"], row["test_acc"] = result.auc, result.acc
         model.load_state_dict(torch.load(self.snapshot(best), map_location="cpu", weights_only=True))
-        final_test = evaluate_model(model, *test, amp=self.cfg.amp)
+        final_test = evaluate_model(model, *test, amp=self.cfg.amp, tta=self.cfg.tta)
         selected = next(row for row in history if row["round"] == best)
         atomic_torch_save(self.out_dir / STUDENT_FILE, {"model": self.cfg.student.model,
                                                         "state_dict": state_dict_on_cpu(model), "round": best})

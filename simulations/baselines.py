@@ -26,8 +26,7 @@ from common.config import ExperimentConfig
 from common.device import place_model, resolve_device
 from common.models import build_model
 from common.split import hospital_name, local_train_val, make_split, tensors
-from common.training import train_supervised
-from common.training import evaluate_model
+from common.training import evaluate_model, train_supervised
 from server.evaluate import evaluate_on_test, test_tensors, write_metrics
 from server.selection import score, validation_tensors
 
@@ -56,9 +55,11 @@ def run_centralized(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
         patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
         weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=cfg.seed,
         class_weighted=cfg.teacher.class_weighted, log_prefix="centralized ", amp=cfg.amp,
+        ema_decay=cfg.teacher.ema_decay,
     )
-    validation = evaluate_model(student, *validation_tensors(cfg, split), amp=cfg.amp)
-    evaluation = evaluate_on_test(student, test_tensors(cfg, split), amp=cfg.amp)  # the test split, read once
+    validation = evaluate_model(student, *validation_tensors(cfg, split), amp=cfg.amp, tta=cfg.tta)
+    # the test split, read once
+    evaluation = evaluate_on_test(student, test_tensors(cfg, split), amp=cfg.amp, tta=cfg.tta)
     seconds = time.perf_counter() - start
     atomic_torch_save(out_dir / "student.pt", {"model": cfg.student.model, "state_dict": student.state_dict()})
     final = {"test_auc": evaluation.auc, "test_acc": evaluation.acc, "val_auc": validation.auc,
@@ -79,17 +80,24 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
     val = validation_tensors(cfg, split)
     start = time.perf_counter()
     rows, teachers = [], []
-    for h in range(cfg.federation.hospitals):
-        teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=h,
-                                              hospital_dir=hospitals_dir / hospital_name(h))
-        validation = evaluate_model(teacher, *val, amp=cfg.amp)
-        teachers.append(teacher)
-        rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
-                     "local_val_auc": info.val_auc, "val_auc": validation.auc, "val_score": score(validation)})
+    threads = torch.get_num_threads()
+    # A teacher trained here is trained on the CPU threads a simulated hospital's policy gives it (client/app.py
+    # sets them for `medkd simulate`'s hospitals), so both paths give the same teacher to the last bit.
+    torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+    try:
+        for h in range(cfg.federation.hospitals):
+            teacher, info = load_or_train_teacher(cfg=cfg, split=split, hospital=h,
+                                                  hospital_dir=hospitals_dir / hospital_name(h))
+            validation = evaluate_model(teacher, *val, amp=cfg.amp, tta=cfg.tta)
+            teachers.append(teacher)
+            rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
+                         "local_val_auc": info.val_auc, "val_auc": validation.auc, "val_score": score(validation)})
+    finally:
+        torch.set_num_threads(threads)
     best_index = max(range(len(rows)), key=lambda i: (rows[i]["val_score"], -i))
     test = test_tensors(cfg, split)  # every choice is made: read the test split, once
     for row, teacher in zip(rows, teachers):
-        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp)
+        evaluation = evaluate_on_test(teacher, test, amp=cfg.amp, tta=cfg.tta)
         row.update(test_auc=evaluation.auc, test_acc=evaluation.acc)
         logger.info("local %s: val AUC %.4f, test AUC %.4f acc %.4f (%d private samples)", row["hospital"],
                     row["val_auc"], evaluation.auc, evaluation.acc, row["num_private"])
