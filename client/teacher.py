@@ -64,6 +64,8 @@ def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: 
     settings = config_to_dict(cfg.teacher)
     settings.pop("per_hospital")
     settings.pop("model")  # the hospital's own architecture is hashed above
+    if not settings.get("ema_decay"):  # a key added later is hashed only when set: older teachers stay valid
+        settings.pop("ema_decay", None)
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(f"{cfg.data.local_val_fraction}|{teacher_seed(cfg, hospital)}".encode())
     privacy = cfg.policy_rules(hospital).privacy
