@@ -14,10 +14,9 @@ def teacher_outputs(model: nn.Module, images: torch.Tensor, *, output: OutputKin
                     amp: bool = False, bias: np.ndarray | None = None) -> np.ndarray:
     """Outputs of ``model`` on proxy images (N, C, *spatial) -> (N, n_classes) float32.
 
-    Runs on the model's device (bf16 autocast on CUDA when ``amp``); see :func:`outputs_from_logits`.
+    Runs on the model's device (bf16 autocast on CUDA when ``amp``); see :func:`outputs_from_logits`
+    (which refuses a temperature <= 0).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     return outputs_from_logits(predict_logits(model, images, amp=amp), output=output, temperature=temperature,
                                bias=bias)
 

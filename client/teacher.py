@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from common.atomic import atomic_torch_save, load_saved
-from common.config import ExperimentConfig, PrivacyMechanism, config_to_dict
+from common.config import ExperimentConfig, PrivacyMechanism, TeacherConfig, config_to_dict
 from common.device import place_model, resolve_device, state_dict_on_cpu
 from common.models import build_model
 from common.data import class_counts
@@ -55,6 +55,9 @@ def teacher_seed(cfg: ExperimentConfig, hospital: int) -> int:
     return cfg.seed * 1000 + 17 * hospital + 1 + 7919 * cfg.teacher.seed_offset
 
 
+LATER_TEACHER_KEYS = ("ema_decay",)  # teacher settings added after fingerprints were first stored
+
+
 def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> str:
     """SHA-256 of everything the teacher of ``hospital`` depends on."""
     h = hashlib.sha256()
@@ -64,8 +67,9 @@ def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: 
     settings = config_to_dict(cfg.teacher)
     settings.pop("per_hospital")
     settings.pop("model")  # the hospital's own architecture is hashed above
-    if not settings.get("ema_decay"):  # a key added later is hashed only when set: older teachers stay valid
-        settings.pop("ema_decay", None)
+    for key in LATER_TEACHER_KEYS:  # hashed only when set: teachers saved before the key existed stay valid
+        if settings.get(key) == getattr(TeacherConfig(), key):
+            settings.pop(key)
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(f"{cfg.data.local_val_fraction}|{teacher_seed(cfg, hospital)}".encode())
     privacy = cfg.policy_rules(hospital).privacy

@@ -55,6 +55,14 @@ def mixup_pairs(n: int, alpha: float, gen: torch.Generator) -> tuple[float, torc
     return lam, torch.randperm(n, generator=gen)
 
 
+def weight_average(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and batch-norm statistics (torch's AveragedModel).
+
+    The first update copies the model; later ones move the average ``1 - decay`` of the way towards it.
+    """
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device ``model``'s parameters live on (CPU for a model without parameters)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -195,8 +203,7 @@ def train_supervised(*, model: nn.Module, train_images: torch.Tensor, train_labe
         weight = weight.to(train_labels.device)
     best_score, best_state, best_epoch, since_best = -math.inf, None, 0, 0
     best_val: EvalResult | None = None
-    average = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-               if ema_decay > 0 else None)
+    average = weight_average(model, ema_decay) if ema_decay > 0 else None
     kept = model if average is None else average.module  # what is validated and returned
     epoch = 0
     for epoch in range(1, epochs + 1):

@@ -12,23 +12,18 @@ import math
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from common.config import DistillConfig
 from common.losses import kd_loss
 from common.names import LrSchedule
-from common.training import run_epoch, to_model_device
+from common.training import run_epoch, to_model_device, weight_average
 
 
 def make_weight_average(student: nn.Module, cfg: DistillConfig) -> AveragedModel | None:
-    """An EMA of ``student``'s weights and batch-norm statistics (torch's AveragedModel), or None when off.
-
-    The first update copies the student; later ones move the average ``1 - ema_decay`` of the
-    way towards it (Polyak and Juditsky 1992; as in Tarvainen and Valpola 2017's mean teacher).
-    """
-    if cfg.ema_decay <= 0:
-        return None
-    return AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    """The EMA of ``student``'s weights that ``distill.ema_decay`` asks for (:func:`common.training.weight_average`),
+    or None when off (Polyak and Juditsky 1992; as in Tarvainen and Valpola 2017's mean teacher)."""
+    return weight_average(student, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
 
 def scheduled_lr(cfg: DistillConfig, *, epoch: int, total_epochs: int) -> float:
