@@ -58,16 +58,18 @@ class FederationConfig:
     alpha: float = documented(0.5, gt=0.0, doc="Dirichlet concentration for dirichlet/quantity partitions (smaller = more skew)")
     min_samples: int = documented(20, ge=1, doc="smallest private partition a hospital may get")
     min_replies: int = documented(0, ge=0, doc="quorum of valid replies per round; 0 = a majority of hospitals")
-    reply_timeout_s: float = documented(900.0, gt=0.0, doc="how long the server waits for replies in one round")
+    reply_timeout_s: float = documented(900.0, gt=0.0, doc="how long the server waits for a hospital's reply, "
+                                        "from when its query is sent")
     wait_for_nodes_s: float = documented(300.0, gt=0.0, doc="how long the server waits for the hospitals to connect")
     client_cpus: float = documented(1.0, gt=0.0, doc="CPUs per simulated ClientApp (Flower simulation backend)")
-    max_in_flight: int = documented(0, ge=0, doc="queries in flight at once per round (0 = all hospitals at once); "
-                                    "for hundreds of simulated hospitals set ~50: Flower's in-memory engine scans "
+    max_in_flight: int = documented(0, ge=0, doc="queries in flight at once per round (0 = all hospitals at once), "
+                                    "the next sent as soon as a reply comes; for hundreds of simulated hospitals set "
+                                    "~4 per simulation worker (8 on 2 cores): Flower's in-memory engine scans "
                                     "every stored message for every node, so rounds grow with hospitals x in-flight")
     warn_class_below: int = documented(5, ge=1, doc="warn, by hospital name, when a hospital's private data holds "
                                        "fewer than this many examples of some class (or a single class)")
     faults: dict[str, str] = documented({}, doc="simulation only: hospital index -> injected reply fault "
-                                "(nan|shape|negative|uniform|flip|crash), to test validation and robust aggregators")
+                                "(nan|shape|negative|uniform|flip|crash|late), to test validation and robust aggregators")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ __all__ = ["DEVICE_PATTERN", "MODEL_NAMES", "FAULT_NAMES", "Method", "Aggregator
 
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")  # checked here; resolved by common.device
 MODEL_NAMES = ("smallcnn", "densenet121", "resnet18", "resnet34", "resnet50")
-FAULT_NAMES = ("nan", "shape", "negative", "uniform", "flip", "crash")
+FAULT_NAMES = ("nan", "shape", "negative", "uniform", "flip", "crash", "late")
 
 
 class Method(StrEnum):

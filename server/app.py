@@ -43,11 +43,12 @@ from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.collect import collect_replies
 from server.distill import distill_student, make_weight_average
 from server.evaluate import privacy_line, write_metrics
-from server.identity import node_identities
+from server.identity import name_order, node_identities
 from server.inflight import mark_inflight, torn_round
 from server.metering import MeteredGrid, by_name
 from server.receipts import ReceiptSigner, issue_receipts
 from server.selection import RoundSelection, score
+from server.window import send_windowed
 
 logger = logging.getLogger(__name__)
 
@@ -75,22 +76,6 @@ def wait_for_nodes(grid: Grid, *, wanted: int, quorum: int, timeout_s: float) ->
         logger.warning("only %d of %d hospitals connected; going on with them", len(nodes), wanted)
     logger.info("%d hospitals connected", len(nodes))
     return nodes
-
-
-def send_in_waves(grid: Grid | MeteredGrid, messages: list[Message], *, wave: int, timeout_s: float) -> list[Message]:
-    """Send ``messages`` and collect the replies, at most ``wave`` in flight at once (0: all at once).
-
-    Flower's in-memory simulation engine looks through every stored message
-    for every node ten times a second, so with K simulated hospitals a round
-    costs O(K x messages in flight); waves of a few dozen keep that linear.
-    Each wave gets the whole ``timeout_s`` (a straggler costs one wave's wait).
-    """
-    if wave <= 0 or wave >= len(messages):
-        return list(grid.send_and_receive(messages, timeout=timeout_s))
-    replies: list[Message] = []
-    for start in range(0, len(messages), wave):
-        replies.extend(grid.send_and_receive(messages[start:start + wave], timeout=timeout_s))
-    return replies
 
 
 def next_proxy_batch(*, n_proxy: int, batch: int, cursor: int, seed: int) -> tuple[np.ndarray, int]:
@@ -260,8 +245,8 @@ def _query_round(metered: MeteredGrid, cfg: ExperimentConfig, proxy_hash: str, a
     content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
     messages = [Message(content=make_query_content(replace(query, receipt=receipts[node])) if node in receipts
                         else content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
-                for node in nodes]
-    replies = send_in_waves(metered, messages, wave=cfg.federation.max_in_flight,
+                for node in sorted(nodes, key=lambda n: name_order(names.get(n, f"node {n}")))]  # H0, H1, ...
+    replies = send_windowed(metered, messages, window=cfg.federation.max_in_flight,
                             timeout_s=cfg.federation.reply_timeout_s)
     traffic = metered.take()
     result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,

@@ -19,6 +19,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from common.config import QueryConfig
 from common.errors import PayloadError
 from common.payload import Reply, parse_reply
+from server.identity import name_order
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def collect_replies(replies: Iterable[Message], *, expected: Mapping[int, str], 
     for node, who in expected.items():
         if node not in seen_nodes:
             out.rejected[who] = "no reply before the round's timeout"
+    out.accepted.sort(key=lambda r: name_order(r.hospital))  # arrival order must not change the aggregate
     for who, reason in out.rejected.items():
         logger.warning("hospital %s reply rejected: %s (round %d); continuing with %d of %d replies",
                        who, reason, round, len(out.accepted), total)

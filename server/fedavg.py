@@ -32,7 +32,7 @@ from common.split import make_split
 from server.app import wait_for_nodes
 from server.checkpoint import ServerState, load_checkpoint, save_checkpoint
 from server.evaluate import write_metrics
-from server.identity import node_identities
+from server.identity import name_order, node_identities
 from server.metering import MeteredGrid, by_name
 from server.selection import RoundSelection, score
 
@@ -90,6 +90,7 @@ class CheckedFedAvg(FedAvg):
         if not good:
             logger.warning("round %d: no valid FedAvg replies; the student is not updated", server_round)
             return None, None
+        good.sort(key=lambda r: name_order(self._names.get(int(r.metadata.src_node_id), "")))  # not arrival order
         arrays, metrics = super().aggregate_train(server_round, good)
         return (None if arrays is None else restore_dtypes(arrays, self._reference)), metrics
 

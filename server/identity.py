@@ -14,6 +14,7 @@ its node's identity is rejected (see :mod:`server.collect`).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -53,3 +54,9 @@ def identities_from_nodes(nodes: Iterable[object]) -> dict[int, str]:
                          "register deployed nodes with names (flwr supernode register ... --name H<i>)")
     ordered = sorted(unnamed, key=lambda i: datetime.fromisoformat(str(i.registered_at)))
     return {int(info.node_id): hospital_name(k) for k, info in enumerate(ordered)}
+
+
+def name_order(name: str) -> tuple[object, ...]:
+    """Sort key for hospital names in natural order (``H2`` before ``H10``): the order queries go out and
+    replies are aggregated in, so that a round's result does not depend on which reply arrived first."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)

@@ -5,19 +5,24 @@ reject their replies (``nan``, ``shape``, ``negative``) or to compare robust
 aggregators against a hospital whose replies are valid but wrong
 (``uniform``: no information; ``flip``: class order reversed, a confident
 wrong teacher), or whose ClientApp fails (``crash``: the handler raises, so the
-hospital's gate sends an error reply). Only ``medkd simulate`` installs this
+hospital's gate sends an error reply) or answers late (``late``: a valid reply
+after :data:`LATE_S` seconds, to watch the server give up on it when
+``federation.reply_timeout_s`` is shorter). Only ``medkd simulate`` installs this
 mod; it runs inside the hospital's gate, so what it sends is what the gate logs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 
 logger = logging.getLogger(__name__)
+
+LATE_S = 40.0  # how long a ``late`` hospital takes to answer
 
 
 def _corrupt(outputs: np.ndarray, fault: str) -> np.ndarray:
@@ -45,6 +50,11 @@ def make_fault_mod(faults: dict[str, str]) -> Callable[[Message, Context, Callab
         fault = faults.get(str(context.node_config.get("partition-id")))
         if fault == "crash":
             raise RuntimeError("injected crash (simulation fault 'crash')")
+        if fault == "late":
+            logger.info("injected fault 'late': hospital %s answers in %.0f s", context.node_config.get("partition-id"),
+                        LATE_S)
+            time.sleep(LATE_S)
+            return call_next(msg, context)
         reply = call_next(msg, context)
         if fault is None or not reply.has_content() or "outputs" not in reply.content.array_records:
             return reply

@@ -34,6 +34,7 @@ from typing import Any
 from common.processes import tree_rss_bytes
 
 MIN_SAMPLES = 12  # private images per hospital at the smallest
+PROXY_FRACTION, PROXY_BATCH = 0.05, 64  # every round asks PROXY_BATCH proxy samples not asked before
 
 
 def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Path, in_flight: int) -> None:
@@ -49,13 +50,13 @@ def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Pa
     logging.basicConfig(level=logging.WARNING)
     raw = {
         "seed": 0, "rounds": rounds, "aggregator": "mean", "selector": {"kind": "none"},  # the figures' recipe
-        "data": {"dataset": str(data), "download": False, "proxy_fraction": 0.05, "max_test_samples": 256},
+        "data": {"dataset": str(data), "download": False, "proxy_fraction": PROXY_FRACTION, "max_test_samples": 256},
         "federation": {"hospitals": hospitals, "partition": "iid", "min_samples": MIN_SAMPLES,
                        "wait_for_nodes_s": 600, "reply_timeout_s": 3600, **({"max_in_flight": in_flight}
                                                                               if in_flight else {})},
         "teacher": {"model": "smallcnn", "epochs": 3, "patience": 3},
         "student": {"model": "smallcnn"},
-        "distill": {"proxy_batch": 64, "epochs": 1},
+        "distill": {"proxy_batch": PROXY_BATCH, "epochs": 1},
     }
     cfg = build_config(raw, source=f"scale-{hospitals}")
     hospitals_dir = workdir / "hospitals"
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/scale"))
     parser.add_argument("--source", type=Path, default=None,
                         help="real MedMNIST .npz to tile (default: pneumoniamnist_kaggle.npz in $MEDKD_DATA)")
-    parser.add_argument("--max-in-flight", type=int, default=16,
-                        help="federation.max_in_flight of the runs (0: all hospitals at once; default 16)")
+    parser.add_argument("--max-in-flight", type=int, default=8,
+                        help="federation.max_in_flight of the runs (0: all hospitals at once; default 8)")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     biggest = max(args.hospitals)
     data = args.out / f"tiled-{biggest}.npz"
     if not data.exists():
-        tile_dataset(source, data, n_train=int(biggest * MIN_SAMPLES * 1.5 / 0.95) + 64)
+        enough_proxy = int(args.rounds * PROXY_BATCH / PROXY_FRACTION)  # new proxy samples for every round
+        tile_dataset(source, data, n_train=max(int(biggest * MIN_SAMPLES * 1.5 / 0.95), enough_proxy) + 64)
     rows = []
     for hospitals in sorted(args.hospitals):
         print(f"scale: {hospitals} hospitals ...", file=sys.stderr, flush=True)

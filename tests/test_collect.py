@@ -110,3 +110,13 @@ def test_superlink_error_for_an_unavailable_node_is_not_an_impostor() -> None:
     unavailable = Message(Error(code=5, reason="node unavailable"), metadata=metadata)  # how the SuperLink writes it
     out = collect_replies([unavailable], expected={7: "H2"}, round=2, n_samples=4, n_classes=5, query=QueryConfig())
     assert out.accepted == [] and out.rejected == {"H2": "no reply before the round's timeout"}
+
+
+def test_accepted_replies_are_in_name_order_whatever_order_they_arrived_in() -> None:
+    """Aggregation sums in this order, so a round's result must not depend on which hospital answered first."""
+    nodes = [11, 2, 10, 1]
+    expected = {n: f"H{n}" for n in nodes}
+    replies = [_reply(n, finite_probs(N, C, n)) for n in nodes]
+    for arrival in (replies, replies[::-1]):
+        result = collect_replies(arrival, expected=expected, round=4, n_samples=N, n_classes=C, query=QUERY)
+        assert [r.hospital for r in result.accepted] == ["H1", "H2", "H10", "H11"]

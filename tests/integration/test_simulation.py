@@ -57,7 +57,7 @@ def test_gate_logs_every_reply_with_the_hash_the_coordinator_received(tiny_confi
     """Errors and faults included: one log line per reply sent, each hash equal to what arrived."""
     cfg = tiny_config(**{
         "federation.hospitals": 4, "federation.min_replies": 1, "teacher.epochs": 2, "distill.epochs": 1,
-        "federation.max_in_flight": 3,  # two waves per round: 3 queries, then 1
+        "federation.max_in_flight": 3,  # 3 queries in flight; the fourth goes when a reply comes
         "federation.faults": {"0": "nan", "1": "crash"},
         "policy_per_hospital": {"2": {"limits": {"max_indices_per_query": 8}}},
     })
@@ -77,6 +77,35 @@ def test_gate_logs_every_reply_with_the_hash_the_coordinator_received(tiny_confi
         assert [[e["sha256"]] for e in log] == received  # each logged hash is of the bytes that arrived
         assert [e["status"] for e in log] == (["sent", "sent"] if h in ("H0", "H3") else ["error", "error"])
     assert "injected crash" in (out / "hospitals" / "H1" / "hospital.log").read_text()
+
+
+def test_a_late_hospital_is_given_up_while_the_window_moves_on(tiny_config, tmp_path: Path) -> None:
+    """At most 2 queries in flight; H0 (asked first) answers after 40 s, past the 20 s reply timeout.
+
+    The window sends H2's and H3's queries as soon as H1 and H2 reply, while H0's is still out: with fixed waves
+    they would have waited for H0's timeout. The round goes on with the three replies that came. (The timeout
+    leaves room for a fresh simulation worker's first answer, which imports torch and loads the teacher.)
+    """
+    hospitals = tmp_path / "hospitals"
+    base = {"federation.hospitals": 4, "federation.min_replies": 1, "teacher.epochs": 2, "distill.epochs": 1,
+            "rounds": 1}
+    simulate(tiny_config(**base), out_dir=tmp_path / "warm", hospitals_dir=hospitals)  # trains the teachers
+    cfg = tiny_config(**base, **{"federation.max_in_flight": 2, "federation.reply_timeout_s": 20.0,
+                                 "federation.faults": {"0": "late"}})
+    out = tmp_path / "late"
+    start = time.time()
+    simulate(cfg, out_dir=out, hospitals_dir=hospitals)
+    (r,) = _metrics(out)["rounds"]
+    assert r["replies_ok"] == 3 and r["rejected"] == {"H0": "no reply before the round's timeout"}
+    sent = {}
+    for h in ("H1", "H2", "H3"):
+        lines = [json.loads(x) for x in (hospitals / h / "outbound.jsonl").read_text().splitlines()]
+        (mine,) = [e for e in lines if e["time"] >= start]  # this run's one reply
+        assert mine["status"] == "sent"
+        sent[h] = mine["time"]
+    assert sent["H1"] <= sent["H2"] <= sent["H3"], sent  # queries go out in name order
+    assert sent["H3"] - sent["H1"] < 8.0, sent  # long before H0's query (sent with H1's) timed out
+    assert r["query_seconds"] < 20.0 + 8.0  # one timeout, not one per wave
 
 
 def test_faulty_hospital_is_rejected_and_rounds_go_on(tiny_config, tmp_path: Path) -> None:
@@ -134,6 +163,20 @@ def test_same_seed_same_numbers(tiny_config, tmp_path: Path) -> None:
         # hospital's signed audit chain, whose records hold the time
         assert a["bytes_up"] == b["bytes_up"]
         assert a["abstentions"] == b["abstentions"] and sum(a["abstentions"].values()) > 0
+
+
+def test_fedavg_same_seed_same_numbers(tiny_config, tmp_path: Path) -> None:
+    """FedAvg averages the replies in hospital-name order, not arrival order, so one seed gives one result."""
+    hospitals = tmp_path / "hospitals"
+    docs = []
+    for name in ("first", "second"):
+        simulate(tiny_config(method="fedavg", **{"teacher.epochs": 2}), out_dir=tmp_path / name,
+                 hospitals_dir=hospitals)
+        docs.append(_metrics(tmp_path / name))
+    first, second = docs
+    assert [(r["val_auc"], r["test_auc"]) for r in first["rounds"]] == \
+        [(r["val_auc"], r["test_auc"]) for r in second["rounds"]]
+    assert first["final"]["test_auc"] == second["final"]["test_auc"]
 
 
 def test_label_counts_leave_only_where_the_policy_allows(tiny_config, tmp_path: Path) -> None:
