@@ -136,7 +136,12 @@ def _log_ratio(model: nn.Module, images: torch.Tensor, temperature: float, amp: 
 
 
 def _max_softmax(teacher: nn.Module, images: torch.Tensor, amp: bool) -> np.ndarray:
-    return torch.softmax(predict_logits(teacher, images, amp=amp), dim=1).max(dim=1).values.numpy()
+    return _confidence(predict_logits(teacher, images, amp=amp))
+
+
+def _confidence(logits: torch.Tensor) -> np.ndarray:
+    """Max softmax probability per row of teacher ``logits`` (N, C), taken in float32."""
+    return torch.softmax(logits.float(), dim=1).max(dim=1).values.numpy()
 
 
 def train_selector(cfg: ExperimentConfig, split: FederatedSplit, hospital: int,
@@ -202,12 +207,11 @@ def selection(selector: Selector, teacher: nn.Module | None, images: torch.Tenso
     if selector.model is not None:
         log_ratio = _log_ratio(selector.model, images, selector.info.temperature, amp)
         return log_ratio >= selector.info.threshold, np.exp(log_ratio).astype(np.float32)
-    if teacher_logits is None:
-        if teacher is None:
-            raise ValueError("a max_softmax selector needs the teacher or its logits")
-        teacher_logits = predict_logits(teacher, images, amp=amp)
-    confidence = torch.softmax(teacher_logits.float(), dim=1).max(dim=1).values.numpy()
-    return confidence >= selector.info.threshold, None
+    if teacher_logits is not None:
+        return _confidence(teacher_logits) >= selector.info.threshold, None
+    if teacher is None:
+        raise ValueError("a max_softmax selector needs the teacher or its logits")
+    return _max_softmax(teacher, images, amp) >= selector.info.threshold, None
 
 
 _CACHE: dict[tuple[str, str, str], Selector] = {}

@@ -243,13 +243,14 @@ def _query_round(metered: MeteredGrid, cfg: ExperimentConfig, proxy_hash: str, a
     logger.info("round %d/%d: querying %d hospitals for %d proxy samples%s", rnd, cfg.rounds, len(nodes),
                 len(asked), " (hospitals train their teachers on first use)" if rnd == 1 else "")
     content = make_query_content(query)  # one payload shared by all messages, as Flower's strategies do
+    expected = {n: names.get(n, f"node {n}") for n in nodes}
     messages = [Message(content=make_query_content(replace(query, receipt=receipts[node])) if node in receipts
                         else content, dst_node_id=node, message_type=QUERY_MESSAGE_TYPE, group_id=str(rnd))
-                for node in sorted(nodes, key=lambda n: name_order(names.get(n, f"node {n}")))]  # H0, H1, ...
+                for node in sorted(nodes, key=lambda n: name_order(expected[n]))]  # H0, H1, ...
     replies = send_windowed(metered, messages, window=cfg.federation.max_in_flight,
                             timeout_s=cfg.federation.reply_timeout_s)
     traffic = metered.take()
-    result = collect_replies(replies, expected={n: names.get(n, f"node {n}") for n in nodes}, round=rnd,
+    result = collect_replies(replies, expected=expected, round=rnd,
                              n_samples=len(asked), n_classes=n_classes, query=cfg.query)
     return result, traffic
 
