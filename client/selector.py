@@ -244,6 +244,8 @@ def load_or_train_selector(*, cfg: ExperimentConfig, split: FederatedSplit, hosp
         atomic_torch_save(path, {"info": asdict(selector.info),
                                  "state_dict": None if selector.model is None else state_dict_on_cpu(selector.model)})
     if selector.bias is None:  # calibrate the teacher's outputs (computed per process; cheap, deterministic)
+        # on the first member's held-out split; the other members of a teacher ensemble trained on part of it, so
+        # the bias is fitted on outputs slightly more confident there than on unseen data (one number per class)
         private = split.hospital(hospital)
         _, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
                                      seed=teacher_seed(cfg, hospital))

@@ -16,13 +16,14 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from common.atomic import atomic_torch_save, load_saved
-from common.config import ExperimentConfig, PrivacyMechanism, TeacherConfig, config_to_dict
+from common.config import ExperimentConfig, PrivacyMechanism, config_to_dict
 from common.device import place_model, resolve_device, state_dict_on_cpu
-from common.models import build_model
+from common.models import MeanEnsemble, build_model, build_teacher
 from common.data import class_counts
 from common.split import FederatedSplit, class_warnings, hospital_name, local_train_val, tensors
 from common.training import train_supervised
@@ -48,6 +49,8 @@ class TeacherInfo:
     seconds: float
     fingerprint: str
     mechanism: str = "none"  # "dp_sgd_teacher": trained with DP-SGD (GroupNorm architecture)
+    members: int = 1  # > 1: a MeanEnsemble (teacher.ensemble); num_train/num_val/best_epoch are member 1's,
+    # val_auc/val_acc the members' mean, each on its own held-out split
 
 
 def teacher_seed(cfg: ExperimentConfig, hospital: int) -> int:
@@ -55,7 +58,18 @@ def teacher_seed(cfg: ExperimentConfig, hospital: int) -> int:
     return cfg.seed * 1000 + 17 * hospital + 1 + 7919 * cfg.teacher.seed_offset
 
 
-LATER_TEACHER_KEYS = ("ema_decay",)  # teacher settings added after fingerprints were first stored
+MEMBER_SEED_STEP = 104729  # member k of an ensemble trains from teacher_seed + k * this (a prime unlike seed_offset's)
+
+
+def member_seed(cfg: ExperimentConfig, hospital: int, member: int) -> int:
+    """Seed of member ``member`` (0-based) of hospital ``hospital``'s teacher: its init, shuffling and local split."""
+    return teacher_seed(cfg, hospital) + MEMBER_SEED_STEP * member
+
+
+# Teacher settings added after fingerprints were first stored, with the value every teacher saved before had.
+# A key at that value is left out of the hash, so those teachers stay valid; any other value (a new default
+# included) is hashed, so an old checkpoint is never taken for a teacher it is not.
+LATER_TEACHER_KEYS: dict[str, object] = {"ema_decay": 0.0, "ensemble": 1}
 
 
 def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: int) -> str:
@@ -67,8 +81,8 @@ def teacher_fingerprint(cfg: ExperimentConfig, split: FederatedSplit, hospital: 
     settings = config_to_dict(cfg.teacher)
     settings.pop("per_hospital")
     settings.pop("model")  # the hospital's own architecture is hashed above
-    for key in LATER_TEACHER_KEYS:  # hashed only when set: teachers saved before the key existed stay valid
-        if settings.get(key) == getattr(TeacherConfig(), key):
+    for key, before in LATER_TEACHER_KEYS.items():
+        if settings.get(key) == before:
             settings.pop(key)
     h.update(json.dumps(settings, sort_keys=True).encode())
     h.update(f"{cfg.data.local_val_fraction}|{teacher_seed(cfg, hospital)}".encode())
@@ -84,8 +98,11 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *
                   run_id: int = 0) -> tuple[nn.Module, TeacherInfo]:
     """Train hospital ``hospital``'s teacher on its private data (early stopping on a local validation split).
 
-    It trains on ``cfg.device`` (the hospital's policy device) and is returned there. Under the policy's
-    ``dp_sgd_teacher`` mechanism it trains with DP-SGD instead, charged to the ledger in ``folder`` first.
+    It trains on ``cfg.device`` (the hospital's policy device) and is returned there. With ``teacher.ensemble``
+    K > 1 it trains K networks, member k from :func:`member_seed` (its own initialisation, shuffling and local
+    train/val split), and returns their :class:`~common.models.MeanEnsemble`. Under the policy's
+    ``dp_sgd_teacher`` mechanism it trains one network with DP-SGD instead, charged to the ledger in ``folder``
+    first.
     """
     name = hospital_name(hospital)
     privacy = cfg.policy_rules(hospital).privacy
@@ -94,6 +111,10 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *
 
         if folder is None:
             raise ValueError("a DP-SGD teacher needs the hospital folder (its privacy ledger is there)")
+        if cfg.teacher.ensemble > 1:
+            logger.info("%s: teacher.ensemble=%d applies to plain teachers only: under dp_sgd_teacher each member "
+                        "would be another DP-SGD charge on the same records, so one DP-SGD teacher is trained",
+                        name, cfg.teacher.ensemble)
         model, facts = train_dp_sgd_teacher(cfg=cfg, split=split, hospital=hospital, privacy=privacy, folder=folder,
                                             seed=teacher_seed(cfg, hospital), run_id=run_id)
         info = TeacherInfo(hospital=name, model=cfg.teacher_model(hospital), fingerprint=teacher_fingerprint(
@@ -102,36 +123,50 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *
                     "an uncharged release)", name, info.seconds)
         return model, info
     private = split.hospital(hospital)
-    train_pos, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction,
-                                         seed=teacher_seed(cfg, hospital))
     images, labels = tensors(private, spatial_dims=split.data.spatial_dims)
     model_name = cfg.teacher_model(hospital)
-    torch.manual_seed(teacher_seed(cfg, hospital))
-    device = resolve_device(cfg.device)
-    model = place_model(build_model(model_name, split.model_spec()), device)
+    members = cfg.teacher.ensemble
     start = time.perf_counter()
-    logger.info("%s: training teacher %s on %d private samples (%d for local validation)", name, model_name,
-                len(train_pos), len(val_pos))
     for text in class_warnings(name, class_counts(private.labels, split.data.n_classes).tolist(),
                                below=cfg.federation.warn_class_below):
         logger.warning("%s", text)
-    result = train_supervised(
-        model=model, train_images=images[train_pos], train_labels=labels[train_pos],
-        val_images=images[val_pos], val_labels=labels[val_pos], epochs=cfg.teacher.epochs,
-        patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
-        weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=teacher_seed(cfg, hospital),
-        class_weighted=cfg.teacher.class_weighted, log_prefix=f"{name} teacher ", amp=cfg.amp,
-        ema_decay=cfg.teacher.ema_decay,
-    )
+    trained, results, sizes = [], [], []
+    for k in range(members):
+        seed = member_seed(cfg, hospital, k)
+        train_pos, val_pos = local_train_val(private.labels, val_fraction=cfg.data.local_val_fraction, seed=seed)
+        label = name if members == 1 else f"{name} member {k + 1}/{members}"
+        logger.info("%s: training teacher %s on %d private samples (%d for local validation)", label, model_name,
+                    len(train_pos), len(val_pos))
+        torch.manual_seed(seed)
+        model = place_model(build_model(model_name, split.model_spec()), resolve_device(cfg.device))
+        results.append(train_supervised(
+            model=model, train_images=images[train_pos], train_labels=labels[train_pos],
+            val_images=images[val_pos], val_labels=labels[val_pos], epochs=cfg.teacher.epochs,
+            patience=cfg.teacher.patience, batch_size=cfg.teacher.batch_size, lr=cfg.teacher.lr,
+            weight_decay=cfg.teacher.weight_decay, augment=cfg.teacher.augment, seed=seed,
+            class_weighted=cfg.teacher.class_weighted, log_prefix=f"{label} teacher ", amp=cfg.amp,
+            ema_decay=cfg.teacher.ema_decay,
+        ))
+        trained.append(model)
+        sizes.append((len(train_pos), len(val_pos)))
+    model = trained[0] if members == 1 else MeanEnsemble(trained)
     info = TeacherInfo(
-        hospital=name, model=model_name, num_private=int(labels.shape[0]), num_train=len(train_pos),
-        num_val=len(val_pos), val_auc=result.val.auc, val_acc=result.val.acc, best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run, seconds=time.perf_counter() - start,
-        fingerprint=teacher_fingerprint(cfg, split, hospital),
+        hospital=name, model=model_name, num_private=int(labels.shape[0]), num_train=sizes[0][0],
+        num_val=sizes[0][1], val_auc=_finite_mean([r.val.auc for r in results]),
+        val_acc=float(np.mean([r.val.acc for r in results])), best_epoch=results[0].best_epoch,
+        epochs_run=results[0].epochs_run, seconds=time.perf_counter() - start,
+        fingerprint=teacher_fingerprint(cfg, split, hospital), members=members,
     )
-    logger.info("%s: teacher ready (local val AUC %.3f, best epoch %d of %d, %.1f s)", name, info.val_auc,
+    logger.info("%s: teacher ready (local val AUC %.3f%s, best epoch %d of %d, %.1f s)", name, info.val_auc,
+                "" if members == 1 else f", mean of {members} members each on its own held-out split",
                 info.best_epoch, info.epochs_run, info.seconds)
     return model, info
+
+
+def _finite_mean(values: list[float]) -> float:
+    """Mean of the non-NaN ``values`` (a member's local AUC is NaN when its held-out split has one class)."""
+    finite = [v for v in values if not np.isnan(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def save_teacher(path: Path, model: nn.Module, info: TeacherInfo) -> None:
@@ -214,7 +249,7 @@ def load_or_train_teacher(*, cfg: ExperimentConfig, split: FederatedSplit, hospi
     if loaded is not None:
         saved, info = loaded
         if info.fingerprint == fingerprint:
-            model = build_model(info.model, split.model_spec())
+            model = build_teacher(info.model, split.model_spec(), info.members)
             if info.mechanism == PrivacyMechanism.DP_SGD_TEACHER.value:
                 from client.dp_teacher import dp_ready
 

@@ -87,6 +87,10 @@ class TeacherConfig:
                               "averages better across hospitals)")
     ema_decay: float = documented(0.0, ge=0.0, lt=1.0, doc="validate and keep an exponential moving average of the "
                                   "teacher's weights over every step (a snapshot ensemble); 0 = off")
+    ensemble: int = documented(5, ge=1, le=16, doc="members of each hospital's teacher: each is trained from its own "
+                               "seed on its own local train/val split of the same private data, and the hospital "
+                               "answers with their mean probability (a local deep ensemble); 1 = one network. Plain "
+                               "teachers only: dp_sgd_teacher trains one DP-SGD network, pate its partition teachers")
     seed_offset: int = documented(0, ge=0, doc="added to the teacher's initialisation and shuffling seed (robustness "
                                   "checks: the same split, differently initialised teachers)")
 
@@ -110,7 +114,7 @@ class StudentConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    temperature: float = documented(2.0, gt=0.0, doc="KD temperature T (teacher probabilities at T; loss scaled by T^2)")
+    temperature: float = documented(1.0, gt=0.0, doc="KD temperature T (teacher probabilities at T; loss scaled by T^2)")
     proxy_batch: int = documented(128, ge=1, doc="proxy samples queried per round (cycled without replacement)")
     epochs: int = documented(15, ge=1, doc="student epochs over the soft-labelled proxy bank per round")
     batch_size: int = documented(32, ge=1, doc="student batch size")

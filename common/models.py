@@ -21,7 +21,8 @@ from common.config import MODEL_NAMES
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSpec", "build_model", "MODEL_NAMES", "SmallCNN", "ResizeInput", "count_parameters"]
+__all__ = ["ModelSpec", "build_model", "build_teacher", "MODEL_NAMES", "SmallCNN", "ResizeInput", "MeanEnsemble",
+           "count_parameters"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,26 @@ class ResizeInput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=(self.size,) * (x.dim() - 2), mode=self.mode, align_corners=False)
         return self.net(x)
+
+
+class MeanEnsemble(nn.Module):
+    """Several networks answering as one: its logits are the log of their mean softmax.
+
+    ``softmax(forward(x))`` is the members' mean probability (the usual deep-ensemble average,
+    Lakshminarayanan et al. 2017), so a temperature or a per-class bias applied downstream acts on
+    the ensemble's distribution like on one model's logits. Input ``(N, C, *spatial)``, output
+    ``(N, n_classes)``.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        log_probs = torch.stack([F.log_softmax(m(x).float(), dim=1) for m in self.members])
+        return torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(len(self.members)), device=x.device))
 
 
 class SmallCNN(nn.Module):
@@ -133,6 +154,13 @@ def build_model(name: str, spec: ModelSpec) -> nn.Module:
     if spec.spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spec.spatial_dims}")
     return builder(spec)
+
+
+def build_teacher(name: str, spec: ModelSpec, members: int = 1) -> nn.Module:
+    """``build_model(name, spec)``, or a :class:`MeanEnsemble` of ``members`` of them when ``members`` > 1."""
+    if members == 1:
+        return build_model(name, spec)
+    return MeanEnsemble([build_model(name, spec) for _ in range(members)])
 
 
 def count_parameters(model: nn.Module) -> int:

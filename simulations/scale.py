@@ -54,7 +54,7 @@ def _child(hospitals: int, *, rounds: int, data: Path, workdir: Path, result: Pa
         "federation": {"hospitals": hospitals, "partition": "iid", "min_samples": MIN_SAMPLES,
                        "wait_for_nodes_s": 600, "reply_timeout_s": 3600, **({"max_in_flight": in_flight}
                                                                               if in_flight else {})},
-        "teacher": {"model": "smallcnn", "epochs": 3, "patience": 3},
+        "teacher": {"model": "smallcnn", "epochs": 3, "patience": 3, "ensemble": 1},  # one network per hospital
         "student": {"model": "smallcnn"},
         "distill": {"proxy_batch": PROXY_BATCH, "epochs": 1},
     }

@@ -36,7 +36,7 @@ def tiny_config(medmnist_dir: Path):
             "data": {"dataset": "retinamnist", "data_dir": str(medmnist_dir), "download": False,
                      "proxy_fraction": 0.25},
             "federation": {"hospitals": 3, "partition": "dirichlet", "alpha": 1.0, "wait_for_nodes_s": 120},
-            "teacher": {"epochs": 10, "patience": 4},
+            "teacher": {"epochs": 10, "patience": 4, "ensemble": 1},  # tests/test_teacher_ensemble.py: 5
             "distill": {"proxy_batch": 64, "epochs": 3},
         }
         return build_config(raw, source="tiny", overrides=dict(overrides))

@@ -19,7 +19,7 @@ def _policy(folder: Path, medmnist_dir: Path) -> Path:
     policy = build_policy({
         "hospital": "H0", "device": "cpu", "data": {"dataset": "retinamnist", "data_dir": str(medmnist_dir)},
         "share": {"hospitals": 1, "index": 0}, "selector": {"kind": "none"},
-        "teacher": {"epochs": 1, "patience": 1}, "limits": {"max_indices_per_query": 16},
+        "teacher": {"epochs": 1, "patience": 1, "ensemble": 1}, "limits": {"max_indices_per_query": 16},
     }, source="test")
     write_policy(folder / "policy.yaml", policy)
     return folder / "policy.yaml"
@@ -132,6 +132,7 @@ def test_non_dp_teacher_in_audit_mode_shows_a_positive_lower_bound(medmnist_dir:
         "hospital": "H0", "device": "cpu", "threads": 1,
         "data": {"dataset": "retinamnist", "data_dir": str(medmnist_dir)},
         "share": {"hospitals": 1, "index": 0}, "selector": {"kind": "none"},
+        "teacher": {"ensemble": 1},  # the README figure is for one network (an ensemble of 5 takes 5x as long)
     }, source="test")
     write_policy(tmp_path / "policy.yaml", policy)
     result = run_canary_audit(tmp_path / "policy.yaml", m=500, k_plus=50, k_minus=50, seed=0,

@@ -22,9 +22,11 @@ def test_defaults_are_the_documented_experiment() -> None:
     assert cfg.method == Method.FEDKD and cfg.aggregator == AggregatorName.DENSITY
     assert cfg.selector.kind == "density_ratio" and cfg.selector.abstain_quantile == 0.0
     assert cfg.quorum() == 3
+    assert cfg.teacher.ensemble == 5 and cfg.distill.temperature == 1.0  # the recipe chosen on validation (README)
     # the shipped default experiment file says the same
     shipped = load_config(REPO / "configs" / "retinamnist_5sites.yaml")
-    assert (shipped.aggregator, shipped.selector, shipped.federation) == (cfg.aggregator, cfg.selector, cfg.federation)
+    assert (shipped.aggregator, shipped.selector, shipped.federation, shipped.teacher, shipped.distill) == (
+        cfg.aggregator, cfg.selector, cfg.federation, cfg.teacher, cfg.distill)
 
 
 def test_density_aggregator_needs_density_ratios_and_label_aware_needs_counts() -> None:

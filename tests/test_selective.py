@@ -30,7 +30,7 @@ def skewed(medmnist_dir: Path):
                "data": {"dataset": "pneumoniamnist_kaggle.npz", "data_dir": str(medmnist_dir),
                                    "download": False, "proxy_fraction": 0.2},
                "federation": {"hospitals": 4, "partition": "dirichlet", "alpha": 0.1},
-               "teacher": {"epochs": 3, "patience": 2},
+               "teacher": {"epochs": 3, "patience": 2, "ensemble": 1},
                "selector": {"kind": "density_ratio", "abstain_quantile": 0.05, "epochs": 6, "patience": 3}}
         cfg = build_config(raw, source="skewed", overrides=dict(overrides))
         return cfg, make_split(cfg)
