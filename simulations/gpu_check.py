@@ -125,7 +125,7 @@ def serving_figures(device: torch.device, workdir: Path, *, model: str, n: int, 
     data = random_dataset(workdir / f"serve-{n}.npz", n_train=int(n / 0.8) + 4000, size=28, channels=3)
     policy = HospitalPolicy(hospital="H0", device=str(device), amp=True,
                             data=PolicyData(dataset=str(data), proxy_fraction=0.8, download=False),
-                            teacher=TeacherConfig(model=model, epochs=1, patience=1, batch_size=256, ensemble=1),  # one network
+                            teacher=TeacherConfig(model=model, epochs=1, patience=1, batch_size=256, ensemble=1),
                             limits=PolicyLimits(max_indices_per_query=n, max_indices_per_run=10**9),
                             selector=SelectorConfig(kind=SelectorKind(selector), epochs=2 if quick else 20))
     write_policy(folder / "policy.yaml", policy)
