@@ -126,6 +126,7 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *
     images, labels = tensors(private, spatial_dims=split.data.spatial_dims)
     model_name = cfg.teacher_model(hospital)
     members = cfg.teacher.ensemble
+    device = resolve_device(cfg.device)
     start = time.perf_counter()
     for text in class_warnings(name, class_counts(private.labels, split.data.n_classes).tolist(),
                                below=cfg.federation.warn_class_below):
@@ -138,7 +139,7 @@ def train_teacher(cfg: ExperimentConfig, split: FederatedSplit, hospital: int, *
         logger.info("%s: training teacher %s on %d private samples (%d for local validation)", label, model_name,
                     len(train_pos), len(val_pos))
         torch.manual_seed(seed)
-        model = place_model(build_model(model_name, split.model_spec()), resolve_device(cfg.device))
+        model = place_model(build_model(model_name, split.model_spec()), device)
         results.append(train_supervised(
             model=model, train_images=images[train_pos], train_labels=labels[train_pos],
             val_images=images[val_pos], val_labels=labels[val_pos], epochs=cfg.teacher.epochs,

@@ -10,6 +10,7 @@ wrapped in :class:`ResizeInput`, which upsamples the batch first.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ class MeanEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         log_probs = torch.stack([F.log_softmax(m(x).float(), dim=1) for m in self.members])
-        return torch.logsumexp(log_probs, dim=0) - torch.log(torch.tensor(float(len(self.members)), device=x.device))
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))
 
 
 class SmallCNN(nn.Module):
