@@ -86,12 +86,12 @@ def next_proxy_batch(*, n_proxy: int, batch: int, cursor: int, seed: int) -> tup
     return np.sort(np.asarray(take, dtype=np.int64)), (cursor + batch) % n_proxy
 
 
-def fuse_replies(accepted: list[Any], cfg: ExperimentConfig, indices: np.ndarray,
-                 n_classes: int) -> tuple[np.ndarray, torch.Tensor, dict[str, int]]:
-    """Aggregate accepted replies into (kept indices, soft labels (M, C), counts of dropped samples).
+def aggregate_replies(accepted: list[Any], cfg: ExperimentConfig,
+                      n_classes: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Aggregate accepted replies on the same N samples into ((N, C) soft labels, (H, N) answer mask or None).
 
-    Abstentions are respected; samples nobody answered, or whose aggregate's
-    normalised entropy exceeds ``distill.max_entropy``, are dropped.
+    Replies in logits are softened at ``distill.temperature``; abstentions, density ratios and released label
+    counts go to :func:`server.aggregate.aggregate_outputs` with the hospitals' announced sizes as weights.
     """
     outputs = torch.stack([torch.from_numpy(r.outputs) for r in accepted])  # (H, N, C)
     if cfg.query.output == OutputKind.LOGITS:
@@ -113,6 +113,18 @@ def fuse_replies(accepted: list[Any], cfg: ExperimentConfig, indices: np.ndarray
     weights = torch.tensor([float(r.num_private) for r in accepted])
     fused = aggregate_outputs(outputs, method=cfg.aggregator, weights=weights, mask=mask, density=density,
                               class_counts=counts, era_temperature=cfg.distill.era_temperature)
+    return fused, mask
+
+
+def fuse_replies(accepted: list[Any], cfg: ExperimentConfig, indices: np.ndarray,
+                 n_classes: int) -> tuple[np.ndarray, torch.Tensor, dict[str, int]]:
+    """Aggregate accepted replies into (kept indices, soft labels (M, C), counts of dropped samples).
+
+    Abstentions are respected; samples nobody answered, or whose aggregate's
+    normalised entropy exceeds ``distill.max_entropy``, are dropped.
+    """
+    fused, mask = aggregate_replies(accepted, cfg, n_classes)
+    n = fused.shape[0]
     keep = answered(mask, n)
     nobody = int((~keep).sum())
     ambiguous = keep & (normalised_entropy(fused.double()) > cfg.distill.max_entropy)

@@ -4,7 +4,9 @@
 hospitals' private data (what pooling would give; the upper reference).
 ``local``: each hospital's own teacher evaluated alone (the same teachers
 FedKD queries, loaded from the same hospital folders); the "best hospital"
-is chosen on the coordinator's validation split, never on test.
+is chosen on the coordinator's validation split, never on test. It also
+reports the teachers' aggregate evaluated directly (the student's ceiling,
+:mod:`simulations.ceiling`).
 
 Both read the test split once, after every choice was made.
 """
@@ -29,6 +31,7 @@ from common.split import hospital_name, local_train_val, make_split, tensors
 from common.training import evaluate_model, train_supervised
 from server.evaluate import evaluate_on_test, test_tensors, write_metrics
 from server.selection import score, validation_tensors
+from simulations.ceiling import aggregate_evaluation, describe_aggregate, no_aggregate_reason
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
     split = make_split(cfg)
     val = validation_tensors(cfg, split)
     start = time.perf_counter()
-    rows, teachers = [], []
+    rows, teachers, infos = [], [], []
     threads = torch.get_num_threads()
     # A teacher trained here is trained on the CPU threads a simulated hospital's policy gives it (client/app.py
     # sets them for `medkd simulate`'s hospitals), so both paths give the same teacher to the last bit.
@@ -90,8 +93,13 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
                                                   hospital_dir=hospitals_dir / hospital_name(h))
             validation = evaluate_model(teacher, *val, amp=cfg.amp, tta=cfg.tta)
             teachers.append(teacher)
+            infos.append(info)
             rows.append({"hospital": info.hospital, "model": info.model, "num_private": info.num_private,
                          "local_val_auc": info.val_auc, "val_auc": validation.auc, "val_score": score(validation)})
+        reason = no_aggregate_reason(cfg)
+        if reason is None:  # the teachers' aggregate: the student's ceiling (simulations/ceiling.py)
+            aggregate = aggregate_evaluation(cfg=cfg, split=split, hospitals_dir=hospitals_dir, teachers=teachers,
+                                             infos=infos, images=val[0], labels=val[1])
     finally:
         torch.set_num_threads(threads)
     best_index = max(range(len(rows)), key=lambda i: (rows[i]["val_score"], -i))
@@ -101,13 +109,22 @@ def run_local(cfg: ExperimentConfig, out_dir: Path, hospitals_dir: Path) -> dict
         row.update(test_auc=evaluation.auc, test_acc=evaluation.acc)
         logger.info("local %s: val AUC %.4f, test AUC %.4f acc %.4f (%d private samples)", row["hospital"],
                     row["val_auc"], evaluation.auc, evaluation.acc, row["num_private"])
+    extra: dict[str, Any] = {"aggregate": reason or describe_aggregate(cfg)}
+    if reason is None:
+        aggregate_test = aggregate_evaluation(cfg=cfg, split=split, hospitals_dir=hospitals_dir, teachers=teachers,
+                                              infos=infos, images=test[0], labels=test[1])
+        extra.update(aggregate_val_auc=aggregate.auc, aggregate_test_auc=aggregate_test.auc,
+                     aggregate_test_acc=aggregate_test.acc)
+        logger.info("local: the teachers' %s aggregate: val AUC %.4f, test AUC %.4f", cfg.aggregator.value,
+                    aggregate.auc, aggregate_test.auc)
     seconds = time.perf_counter() - start
     aucs = [r["test_auc"] for r in rows if not math.isnan(r["test_auc"])]
     best = rows[best_index]
     final = {"test_auc": float(np.mean(aucs)), "test_acc": float(np.mean([r["test_acc"] for r in rows])),
              "method": cfg.method.value, "seconds": seconds, "best_test_auc": best["test_auc"],
              "best_val_auc": best["val_auc"], "best_hospital": best["hospital"],
-             "selection": "best hospital by validation AUC (official val split); test read once at the end"}
+             "selection": "best hospital by validation AUC (official val split); test read once at the end",
+             **extra}
     rounds = [{"round": 1, "val_auc": float(np.nanmean([r["val_auc"] for r in rows])), "test_auc": final["test_auc"],
                "test_acc": final["test_acc"], "bytes_up": {},
                "bytes_down": {}, "replies_ok": 0, "replies_rejected": 0, "seconds": seconds}]

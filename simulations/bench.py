@@ -17,7 +17,8 @@ fedkd-density    fedkd        aggregator=density, selector.kind=density_ratio
 fedkd-label      fedkd        aggregator=label_aware, selector.kind=none, policy.answers.label_counts=true
 fedavg           fedavg       (none)
 centralized      centralized  (none)
-local            local        (none); also reported as ``local-best`` (hospital chosen by validation)
+local            local        (none); also reported as ``local-best`` (hospital chosen by validation) and
+                              ``local-aggregate`` (the teachers' aggregate, the student's ceiling)
 ===============  ===========  =====================================================================
 
 ``--variant fedkd-x=fedkd:aggregator=era,distill.max_entropy=0.9`` defines or replaces one (repeatable;

@@ -121,7 +121,11 @@ def _mean_or_none(values: list[float]) -> float | None:
 
 def summary_rows(records: Sequence[RunRecord], *, variants: Sequence[str],
                  partitions: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (variant, partition) with finished runs, plus ``<local variant>-best`` rows."""
+    """One row per (variant, partition) with finished runs, plus ``<local variant>-best`` and ``-aggregate`` rows.
+
+    ``-best``: the hospital chosen on validation (its validation AUC in the val column). ``-aggregate``: the
+    teachers' aggregate evaluated directly, the student's ceiling (:mod:`simulations.ceiling`).
+    """
     rows = []
     for variant in variants:
         for partition in partitions:
@@ -137,9 +141,16 @@ def summary_rows(records: Sequence[RunRecord], *, variants: Sequence[str],
                              val=[float(f["val_auc"]) for f in finals if f.get("val_auc") is not None],
                              uplink=_mean_or_none(uplinks) if federated else None))
             if method == "local":
-                best = [float(f["best_test_auc"]) for f in finals if f.get("best_test_auc") is not None]
+                best = [f for f in finals if f.get("best_test_auc") is not None]
                 if best:
-                    rows.append(_row(f"{variant}-best", method, partition, best, val=[], uplink=None))
+                    rows.append(_row(f"{variant}-best", method, partition, [float(f["best_test_auc"]) for f in best],
+                                     val=[float(f["best_val_auc"]) for f in best if f.get("best_val_auc") is not None],
+                                     uplink=None))
+                fused = [f for f in finals if f.get("aggregate_test_auc") is not None]
+                if fused:
+                    rows.append(_row(f"{variant}-aggregate", method, partition,
+                                     [float(f["aggregate_test_auc"]) for f in fused],
+                                     val=[float(f["aggregate_val_auc"]) for f in fused], uplink=None))
     return rows
 
 
@@ -270,7 +281,8 @@ def write_report(out: Path, records: Sequence[RunRecord], *, variants: Sequence[
     atomic_write_text(out / "bench.csv", csv_text(rows))
     atomic_write_text(out / "bench.md", markdown_text(rows, records=records, command=command))
     atomic_write_json(out / "bench.json", {
-        "command": command, "privacy": privacy_line(records), "variants": list(variants), "partitions": list(partitions),
+        "command": command, "privacy": privacy_line(records), "variants": list(variants),
+        "partitions": list(partitions),
         "summary": rows, "uplink_ratio_fedavg_over": uplink_ratios(rows),
         "runs": [{"variant": r.variant, "method": r.method, "partition": r.partition, "seed": r.seed,
                   "hash": r.run_hash, "run_dir": str(r.run_dir), "hospitals_dir": str(r.hospitals_dir),

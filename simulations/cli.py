@@ -113,7 +113,11 @@ def _print_result(out_dir: Path) -> None:
     extra = ""
     if doc["method"] == "local":
         extra = (f" (mean over hospitals; best by validation: {final['best_hospital']}, test AUC "
-                 f"{final['best_test_auc']:.4f})")
+                 f"{final['best_test_auc']:.4f}")
+        if final.get("aggregate_test_auc") is not None:
+            extra += (f"; the teachers' aggregate, the student's ceiling: validation AUC "
+                      f"{final['aggregate_val_auc']:.4f}, test AUC {final['aggregate_test_auc']:.4f}")
+        extra += ")"
     elif selected is not None:
         extra = f" (round {selected} of {len(doc['rounds'])}, chosen by validation AUC {final['val_auc']:.4f})"
     console.print(f"[bold]final student test AUC {final['test_auc']:.4f}[/bold], accuracy {final['test_acc']:.4f}"

@@ -97,7 +97,9 @@ def report_records(tmp_path: Path) -> list[RunRecord]:
                 bytes_up=[{"H0": 10_000, "H1": 30_000}, {"H0": 20_000, "H1": 20_000}])))  # mean 20000
     for seed, (mean_auc, best_auc) in enumerate(((0.60, 0.65), (0.62, 0.69))):
         records.append(_record(tmp_path, "local", "local", "iid", seed, _metrics(
-            method="local", aucs=[mean_auc], final_extra={"best_test_auc": best_auc, "best_hospital": "H1"})))
+            method="local", aucs=[mean_auc], final_extra={"best_test_auc": best_auc, "best_val_auc": 0.7 + seed / 10,
+                                                          "best_hospital": "H1", "aggregate_val_auc": 0.75,
+                                                          "aggregate_test_auc": 0.70 + seed / 100})))
     records.append(_record(tmp_path, "centralized", "centralized", "iid", 0, _metrics(method="centralized",
                                                                                      aucs=[0.81])))
     records.append(_record(tmp_path, "centralized", "centralized", "iid", 1, None))
@@ -111,7 +113,7 @@ def test_report_tables_from_handwritten_metrics(tmp_path: Path, report_records: 
                  partitions=["iid", "0.1"], command="medkd bench --seeds 0 1 2")
     rows = _csv_rows(out / "bench.csv")
     assert list(rows) == [("fedkd-era", "iid"), ("fedkd-era", "0.1"), ("fedavg", "iid"), ("fedavg", "0.1"),
-                          ("centralized", "iid"), ("local", "iid"), ("local-best", "iid")]
+                          ("centralized", "iid"), ("local", "iid"), ("local-best", "iid"), ("local-aggregate", "iid")]
     era = rows[("fedkd-era", "iid")]
     half = 4.3027 * 0.02 / math.sqrt(3)
     assert era["method"] == "fedkd" and era["n_seeds"] == "3"
@@ -133,6 +135,10 @@ def test_report_tables_from_handwritten_metrics(tmp_path: Path, report_records: 
     assert float(local["test_auc_mean"]) == pytest.approx(0.61) and local["uplink_bytes_per_hospital_round"] == ""
     assert (best["method"], best["n_seeds"]) == ("local", "2")
     assert float(best["test_auc_mean"]) == pytest.approx(0.67) and best["per_seed"] == "0.650000;0.690000"
+    assert float(best["val_auc_mean"]) == pytest.approx(0.75)
+    fused = rows[("local-aggregate", "iid")]  # the teachers' aggregate, evaluated directly
+    assert (fused["method"], fused["n_seeds"], fused["per_seed"]) == ("local", "2", "0.700000;0.710000")
+    assert float(fused["val_auc_mean"]) == pytest.approx(0.75)
 
     md = (out / "bench.md").read_text()
     assert "| fedkd-era | fedkd | iid | 3 | 0.7200 ± 0.0200 [0.67, 0.77] | 0.8100 | 200 |" in md
@@ -317,7 +323,7 @@ def test_bench_end_to_end_then_reused(tmp_path: Path, medmnist_dir: Path, caplog
     assert first[0].startswith("[1/2] local 1.0 seed 0: running")  # local trains the shared teachers first
     assert any(m.startswith("[2/2] fedkd-era 1.0 seed 0: done in") for m in first)
     rows = _csv_rows(tmp_path / "bench.csv")
-    assert list(rows) == [("fedkd-era", "1.0"), ("local", "1.0"), ("local-best", "1.0")]
+    assert list(rows) == [("fedkd-era", "1.0"), ("local", "1.0"), ("local-best", "1.0"), ("local-aggregate", "1.0")]
     for row in rows.values():
         assert row["n_seeds"] == "1" and 0.0 <= float(row["test_auc_mean"]) <= 1.0
     assert float(rows[("fedkd-era", "1.0")]["uplink_bytes_per_hospital_round"]) > 0
