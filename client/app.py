@@ -48,10 +48,9 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
     mechanism the reply carries no local validation figure and announces ``privacy.declared_size`` as its size.
     ``split`` replaces the policy's data only for the canary audit (client/canary.py: the private set plus canaries).
     """
-    from client.serve import outputs_from_logits, teacher_outputs
+    from client.serve import plain_answer, teacher_outputs
     from client.teacher import load_or_train_teacher
     from common.split import make_split
-    from common.training import predict_logits
 
     split = split or make_split(hospital.cfg)
     proxy = split.proxy
@@ -78,15 +77,12 @@ def answer_query(msg: Message, hospital: Hospital, *, split: FederatedSplit | No
                                      privacy=label, num_private=privacy.declared_size, val_auc=float("nan"),
                                      teacher_version=_teacher_version(hospital, split))
         return Message(content, reply_to=msg)
-    from client.selector import load_or_train_selector, selection
+    from client.selector import load_or_train_selector
 
     selector = load_or_train_selector(cfg=hospital.cfg, split=split, hospital=hospital.index,
                                       hospital_dir=hospital.folder, teacher=teacher)
-    logits = predict_logits(teacher, images, amp=hospital.cfg.amp)  # the teacher runs once per answer
-    outputs = outputs_from_logits(logits, output=query.output, temperature=query.temperature,
-                                  bias=selector.bias if selector else None)
-    mask, density = (selection(selector, teacher, images, amp=hospital.cfg.amp, teacher_logits=logits)
-                     if selector else (None, None))
+    outputs, mask, density = plain_answer(teacher, selector, images, output=query.output,
+                                          temperature=query.temperature, amp=hospital.cfg.amp)
     content = make_reply_content(outputs=outputs, dtype=query.dtype, hospital=hospital.name, model=info.model,
                                  privacy=label, num_private=info.num_private, val_auc=info.val_auc, mask=mask,
                                  density=density, label_counts=_label_counts(query, hospital, split),

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from client.selector import Selector, selection
 from common.config import OutputKind
 from common.training import predict_logits
 
@@ -37,3 +38,19 @@ def outputs_from_logits(logits: torch.Tensor, *, output: OutputKind, temperature
     if output == OutputKind.PROBS:
         return torch.softmax(logits / temperature, dim=1).numpy().astype(np.float32, copy=False)
     return logits.numpy().astype(np.float32, copy=False)
+
+
+def plain_answer(teacher: nn.Module, selector: Selector | None, images: torch.Tensor, *, output: OutputKind,
+                 temperature: float, amp: bool = False) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """A plain (non-DP) teacher's answer on ``images``: (outputs, mask, density ratio).
+
+    The teacher runs once: its logits give the outputs (calibrated by the selector's bias) and, for a
+    ``max_softmax`` selector, the confidence too. Without a selector, mask and density are None.
+    """
+    logits = predict_logits(teacher, images, amp=amp)
+    outputs = outputs_from_logits(logits, output=output, temperature=temperature,
+                                  bias=selector.bias if selector else None)
+    if selector is None:
+        return outputs, None, None
+    mask, density = selection(selector, teacher, images, amp=amp, teacher_logits=logits)
+    return outputs, mask, density

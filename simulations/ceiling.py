@@ -7,10 +7,10 @@ aggregate evaluated directly on the test images, and its mean validation AUC wit
 epochs, batch size ...) can be judged by, from the teachers alone and in seconds once they are
 trained, instead of from a full federated run per seed.
 
-:func:`aggregate_evaluation` computes every hospital's answer on the given images as
-:func:`client.app.answer_query` computes it on proxy samples (the calibration bias, the KD
-temperature, the selector's mask and density ratio; label counts only where the hospital's policy
-releases them), sends them through the reply's wire format and back, and fuses them with
+:func:`aggregate_evaluation` computes every hospital's answer on the given images with
+:func:`client.serve.plain_answer`, as :func:`client.app.answer_query` does on proxy samples (the
+calibration bias, the KD temperature, the selector's mask and density ratio; label counts only
+where the hospital's policy releases them), sends them through the reply's wire format and back, and fuses them with
 :func:`server.app.aggregate_replies`, the coordinator's own code. The ``local`` baseline reports it
 on the validation split, where a choice may be made, and after every choice on the test split.
 
@@ -21,26 +21,22 @@ answer through their privacy ledger, and an answer outside a run would be a rele
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from client.selector import load_or_train_selector, selection
-from client.serve import outputs_from_logits
+from client.selector import load_or_train_selector
+from client.serve import plain_answer
 from client.teacher import TeacherInfo
 from common.config import AggregatorName, ExperimentConfig, PrivacyMechanism
 from common.data import class_counts
 from common.metrics import EvalResult, classification_metrics
 from common.payload import Reply, make_reply_content, parse_reply
 from common.split import FederatedSplit, hospital_name
-from common.training import predict_logits
 from server.app import aggregate_replies
 
 __all__ = ["aggregate_evaluation", "describe_aggregate", "no_aggregate_reason"]
-
-logger = logging.getLogger(__name__)
 
 
 def no_aggregate_reason(cfg: ExperimentConfig) -> str | None:
@@ -70,11 +66,8 @@ def hospital_replies(*, cfg: ExperimentConfig, split: FederatedSplit, hospitals_
     for h, (teacher, info) in enumerate(zip(teachers, infos, strict=True)):
         selector = load_or_train_selector(cfg=cfg, split=split, hospital=h,
                                           hospital_dir=hospitals_dir / hospital_name(h), teacher=teacher)
-        logits = predict_logits(teacher, images, amp=cfg.amp)
-        outputs = outputs_from_logits(logits, output=cfg.query.output, temperature=cfg.distill.temperature,
-                                      bias=selector.bias if selector else None)
-        mask, density = (selection(selector, teacher, images, amp=cfg.amp, teacher_logits=logits)
-                         if selector else (None, None))
+        outputs, mask, density = plain_answer(teacher, selector, images, output=cfg.query.output,
+                                              temperature=cfg.distill.temperature, amp=cfg.amp)
         counts = None
         if cfg.aggregator == AggregatorName.LABEL_AWARE and cfg.policy_rules(h).answers.label_counts:
             counts = class_counts(split.hospital(h).labels, split.data.n_classes)
